@@ -1,0 +1,1 @@
+from memlens.errors import MemlensError, InputError
