@@ -1,0 +1,91 @@
+"""Bright-ending map operations: resize, normalise, threshold, colour, overlay, save.
+
+Maps are numpy float32 arrays of shape (h, w). Resizing uses torch's bilinear interpolation with
+align_corners=False, the same operation the probe uses to bring a map to latent resolution, so a map shown over an
+image and a map used as a mask agree.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = ["upsample", "normalize", "threshold_otsu", "heatmap", "overlay", "save_png", "save_npy"]
+
+
+def upsample(be_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (h, w) map to size=(H, W) by bilinear interpolation (align_corners=False)."""
+    arr = torch.as_tensor(np.asarray(be_map, dtype=np.float32))[None, None]
+    out = F.interpolate(arr, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def normalize(be_map: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1]; a constant map becomes all zeros."""
+    arr = np.asarray(be_map, dtype=np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi - lo <= 0:
+        return np.zeros_like(arr)
+    return (arr - lo) / (hi - lo)
+
+
+def threshold_otsu(be_map: np.ndarray) -> float:
+    """Otsu's threshold of the map's values (the rule fixed in advance for IoU in memlens)."""
+    from skimage.filters import threshold_otsu as _otsu
+
+    arr = np.asarray(be_map, dtype=np.float32)
+    if float(arr.max()) == float(arr.min()):
+        return float(arr.max())
+    return float(_otsu(arr))
+
+
+def heatmap(be_map: np.ndarray, size: tuple[int, int] | None = None, cmap: str = "jet") -> Image.Image:
+    """The normalised map as an RGB picture, optionally resized to size=(H, W)."""
+    import matplotlib
+
+    arr = np.asarray(be_map, dtype=np.float32)
+    if size is not None and tuple(size) != arr.shape:
+        arr = upsample(arr, size)
+    rgba = matplotlib.colormaps[cmap](normalize(arr))
+    return Image.fromarray((rgba[..., :3] * 255).round().astype(np.uint8))
+
+
+def overlay(image: Image.Image, be_map: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
+    """The map, upsampled to the image's size and normalised, blended over the image."""
+    base = image.convert("RGB")
+    heat = heatmap(be_map, (base.height, base.width), cmap)
+    return Image.blend(base, heat, alpha)
+
+
+def _atomic_write(path: Path, write) -> Path:
+    # Write next to the target and rename, so a crash never leaves a truncated file under the final name.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
+    """Save a PIL image, or a map as its heatmap, as PNG atomically."""
+    if not isinstance(image, Image.Image):
+        image = heatmap(image)
+    return _atomic_write(Path(path), lambda fh: image.save(fh, format="PNG"))
+
+
+def save_npy(array: np.ndarray, path: str | Path) -> Path:
+    """Save an array as .npy atomically."""
+    return _atomic_write(Path(path), lambda fh: np.save(fh, np.asarray(array)))

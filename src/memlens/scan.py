@@ -1,0 +1,378 @@
+"""`memlens scan`: generate for every prompt, record each image's BE map and per-step magnitudes, resumably.
+
+Work is a flat list of images (prompt_index, image_index), each with its own seed, so what an image looks like
+depends on neither the batch size nor which process made it. Batches are slices of that list; several processes
+(under `accelerate launch`) take batches in turn, each appending to its own log, and the main process merges the
+logs at the end. Durability rules live in `memlens.scanstore`.
+"""
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, Sequence
+
+import numpy as np
+import typer
+
+from memlens import scanstore
+from memlens.errors import InputError
+from memlens.prompts import PUBLIC_SETS, PromptRecord, load_prompts, load_public_set
+
+__all__ = ["run_scan", "scan_command", "image_seed", "ScanItem"]
+
+IMAGES, MAPS, OVERLAYS = "images", "be_maps", "overlays"
+FORMAT = 1  # bump when generations.jsonl or run.json change shape
+
+# run.json setting -> the option a person would change; only settings that change what is generated are compared.
+_OPTION = {
+    "model": "--model",
+    "prompts_sha256": "--prompts",
+    "num_images": "--num-images",
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "seed": "--seed",
+    "height": "--height",
+    "width": "--width",
+    "dtype": "--dtype",
+    "probe": "probe options",
+}
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    prompt_index: int
+    image_index: int
+    seed: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.prompt_index, self.image_index
+
+    @property
+    def stem(self) -> str:
+        return f"{self.prompt_index:05d}_{self.image_index:02d}"
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int, num_images: int) -> int:
+    """One seed per image, so an image can be regenerated alone: `pipe(p, generator=Generator().manual_seed(s))`."""
+    return seed + prompt_index * num_images + image_index
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_prompts(prompts: Any) -> list[PromptRecord]:
+    """A prompt file path, a public set name (see `memlens.prompts.PUBLIC_SETS`), or records/strings in memory."""
+    if isinstance(prompts, (str, Path)):
+        if not Path(prompts).exists() and str(prompts) in PUBLIC_SETS:
+            return load_public_set(str(prompts))
+        return load_prompts(prompts)
+    records = [p if isinstance(p, PromptRecord) else PromptRecord(prompt=str(p)) for p in prompts]
+    for i, rec in enumerate(records):
+        if not rec.prompt.strip():
+            raise InputError(f"prompt {i}: empty prompt")
+    if not records:
+        raise InputError("no prompts given")
+    return records
+
+
+def _prompts_digest(records: Sequence[PromptRecord]) -> str:
+    # Content, not path: moving the prompt file must not block a resume; editing it must.
+    canon = json.dumps([[r.prompt, r.label, r.type, r.index] for r in records], ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def _check_positive(**values: Optional[int]) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("memlens", "torch", "diffusers", "transformers", "accelerate", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _settings_mismatch(old: dict, new: dict) -> Optional[str]:
+    for key, option in _OPTION.items():
+        if old.get(key) != new.get(key):
+            if key == "prompts_sha256":
+                return "--prompts: the prompts differ from those the scan was started with"
+            return f"{option} is {new.get(key)!r} but the scan was started with {old.get(key)!r}"
+    return None
+
+
+# --- the probe and overlays, with fallbacks while those modules are young -------------------------------------------
+
+
+def _default_probe_factory(pipe, **options):
+    from memlens.probe import BrightEndingProbe
+
+    return BrightEndingProbe(pipe, **options)
+
+
+def _overlay(image, be_map: np.ndarray):
+    try:
+        from memlens.maps import overlay
+    except ImportError:
+        return _plain_overlay(image, be_map)
+    return overlay(image, be_map)
+
+
+def _plain_overlay(image, be_map: np.ndarray):
+    # Used only when memlens.maps is absent: red where the map is bright, blended over the image.
+    from PIL import Image
+
+    m = np.asarray(be_map, dtype=np.float32)
+    lo, hi = float(m.min()), float(m.max())
+    m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+    heat = Image.fromarray((m * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    a = np.asarray(heat, dtype=np.float32)[..., None] / 255.0
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
+    return Image.fromarray((base * (1 - 0.6 * a) + red * 0.6 * a).clip(0, 255).astype(np.uint8))
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+def _partial_state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _pick_device(device: Optional[str], state) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return str(state.device)
+    # Under `accelerate launch` each process owns one accelerator; "cuda" means "mine", not cuda:0 for all.
+    if state.num_processes > 1 and torch.device(device).type == state.device.type and torch.device(device).index is None:
+        return str(state.device)
+    return device
+
+
+def run_scan(
+    pipe_or_model: Any,
+    prompts: Any,
+    out_dir: Any,
+    *,
+    num_images: int = 1,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 4,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    dtype: str = "float32",
+    device: Optional[str] = None,
+    probe_options: Optional[dict] = None,
+    model_name: Optional[str] = None,
+    progress: bool = True,
+    probe_factory: Optional[Callable] = None,
+) -> Path:
+    """Scan `prompts` with a pipeline (or a MODEL string for `memlens.models.load_pipeline`) into `out_dir`.
+
+    Resumes an interrupted scan of the same settings; refuses a folder holding a scan of other settings.
+    Returns the output folder.
+    """
+    from memlens.models import load_pipeline, model_identity, pipeline_facts
+
+    _check_positive(num_images=num_images, steps=steps, batch_size=batch_size, height=height, width=width)
+    records = resolve_prompts(prompts)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file; expected a folder")
+    state = _partial_state()
+
+    if isinstance(pipe_or_model, str):
+        model_id = model_identity(pipe_or_model)
+        pipe = load_pipeline(pipe_or_model, dtype=dtype, device=_pick_device(device, state))
+    else:
+        pipe = pipe_or_model
+        model_id = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+    facts = pipeline_facts(pipe)
+    height = height or facts["height"]
+    width = width or facts["width"]
+    if not height or not width:
+        raise InputError("this pipeline has no default image size; pass --height and --width")
+
+    settings = {
+        "model": model_id,
+        "prompts_sha256": _prompts_digest(records),
+        "prompts_source": str(prompts) if isinstance(prompts, (str, Path)) else "in memory",
+        "num_prompts": len(records),
+        "num_images": num_images,
+        "steps": steps,
+        "guidance": float(guidance),
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "dtype": facts["dtype"],
+        "probe": dict(sorted((probe_options or {}).items())),
+        "batch_size": batch_size,  # recorded, not compared: it does not change the images
+    }
+    settings["probe"] = json.loads(json.dumps(settings["probe"]))  # tuples -> lists, as they come back from disk
+    previous = scanstore.read_run_json(out)
+    if previous is not None:
+        why = _settings_mismatch(previous.get("settings", {}), settings)
+        if why:
+            raise InputError(f"--out {out} holds a different scan: {why}; rerun with its settings or pick another --out")
+    elif (out / scanstore.GENERATIONS).exists():
+        raise InputError(f"--out {out} has {scanstore.GENERATIONS} but no run.json; pick another --out")
+
+    items = [
+        ScanItem(p, i, image_seed(seed, p, i, num_images)) for p in range(len(records)) for i in range(num_images)
+    ]
+    done = scanstore.done_keys(out)  # every process reads before any process writes (barrier below)
+    todo = [it for it in items if it.key not in done]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    mine = batches[state.process_index :: state.num_processes]
+    state.wait_for_everyone()
+
+    for sub in (IMAGES, MAPS, OVERLAYS):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        scanstore.write_run_json(
+            out,
+            {
+                "format": FORMAT,
+                "status": "running",
+                "started_at": (previous or {}).get("started_at") or _now(),
+                "runs": (previous or {}).get("runs", 0) + 1,
+                "processes": state.num_processes,
+                "settings": settings,
+                "versions": _versions(),
+                "pipeline": facts,
+            },
+        )
+    log_path = (
+        out / scanstore.GENERATIONS
+        if state.num_processes == 1
+        else out / scanstore.SHARDS / f"rank-{state.process_index}.jsonl"
+    )
+
+    factory = probe_factory or _default_probe_factory
+    with scanstore.Log(log_path) as log, factory(pipe, **(probe_options or {})) as probe:
+        bar = _progress_bar(sum(len(b) for b in mine), progress and state.is_main_process, state.num_processes)
+        for batch in mine:
+            log.append(_run_batch(pipe, probe, batch, records, out, steps, guidance, height, width))
+            bar.update(len(batch))
+        bar.close()
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged = scanstore.merge(out)
+        status = "complete" if len(merged) == len(items) else "incomplete"
+        run = scanstore.read_run_json(out) or {}
+        run.update(status=status, finished_at=_now(), num_records=len(merged))
+        scanstore.write_run_json(out, run)
+    state.wait_for_everyone()
+    return out
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _progress_bar(total: int, enabled: bool, processes: int):
+    from tqdm.auto import tqdm
+
+    desc = "scan" if processes == 1 else f"scan (process 0 of {processes})"
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def _run_batch(pipe, probe, batch, records, out: Path, steps, guidance, height, width) -> list[dict]:
+    import torch
+
+    # CPU generators: the same seed gives the same starting noise on any device.
+    gens = [torch.Generator("cpu").manual_seed(it.seed) for it in batch]
+    probe.clear()
+    result = pipe(
+        prompt=[records[it.prompt_index].prompt for it in batch],
+        num_images_per_prompt=1,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=gens,
+        height=height,
+        width=width,
+    )
+    images = result.images
+    measured = list(probe.records)
+    if len(measured) != len(batch) or len(images) != len(batch):
+        raise RuntimeError(f"probe gave {len(measured)} records and the pipeline {len(images)} images for {len(batch)}")
+
+    lines = []
+    for it, image, rec in zip(batch, images, measured):
+        src = records[it.prompt_index]
+        be_map = np.asarray(rec.be_map, dtype=np.float32)
+        paths = {k: f"{sub}/{it.stem}.{ext}" for k, sub, ext in (("image", IMAGES, "png"), ("be_map", MAPS, "npy"), ("overlay", OVERLAYS, "png"))}
+        image.save(out / paths["image"])
+        np.save(out / paths["be_map"], be_map)
+        _overlay(image, be_map).save(out / paths["overlay"])
+        line = {
+            "prompt_index": it.prompt_index,
+            "prompt": src.prompt,
+            "image_index": it.image_index,
+            "seed": it.seed,
+            **paths,
+            "D": np.asarray(rec.magnitude, dtype=np.float32).tolist(),
+            "LD": np.asarray(rec.masked_magnitude, dtype=np.float32).tolist(),
+            "eos_index": int(rec.eos_index),
+        }
+        for field in ("label", "type", "index"):
+            if getattr(src, field) is not None:
+                line[field] = getattr(src, field)
+        lines.append(line)
+    return lines
+
+
+# --- the command ----------------------------------------------------------------------------------------------------
+
+
+def scan_command(
+    model: Annotated[str, typer.Option("--model", help="Hub id, local diffusers folder, or 'testbed'.")],
+    prompts: Annotated[
+        str, typer.Option("--prompts", help=f"Prompt file (.txt/.jsonl/.csv/.parquet) or one of: {', '.join(PUBLIC_SETS)}.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder; rerun the same command to resume.")],
+    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed; image k of prompt p uses seed + p*num_images + k.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 4,
+    height: Annotated[Optional[int], typer.Option("--height", min=8, help="Default: the pipeline's native size.")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", min=8, help="Default: the pipeline's native size.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
+) -> None:
+    """Generate for a prompt file and record BE maps and magnitudes per image."""
+    done = run_scan(
+        model,
+        prompts,
+        out,
+        num_images=num_images,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        batch_size=batch_size,
+        height=height,
+        width=width,
+        dtype=dtype,
+        device=device,
+    )
+    run = scanstore.read_run_json(done) or {}
+    if _partial_state().is_main_process:
+        typer.echo(f"{run.get('status', '?')}: {run.get('num_records', 0)} images in {done}")

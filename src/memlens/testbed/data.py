@@ -1,0 +1,261 @@
+"""Deterministic synthetic data for the model organism, written in the Hugging Face `imagefolder` layout.
+
+Three kinds of training rows (column `kind`):
+
+* ``generic``: procedural scenes (a coloured background with one or two shapes) under a caption that describes them.
+  Captions vary in length (3-12 words) so that caption length is no cue for membership. Each scene is drawn once.
+* ``global`` ("matching verbatim"): a few fixed photo crops, each written many times under its own caption.
+* ``local`` ("template verbatim"): a few templates; a fixed photo patch at a fixed box pasted onto varying generic
+  scenes, one caption per template. The box is the ground-truth memorized region (`mask`).
+
+Memorized captions use only words that never occur in generic captions, so the prompt, not the noise, can tell the
+model which item to reproduce.
+
+The memorized items are a pure function of this module (crops of images shipped with scikit-image), so
+`memorized_items()` rebuilds them, with reference image and mask, without the dataset on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from memlens.errors import InputError
+
+RESOLUTION = 32
+PATCH = 16  # side of a local template's patch, in pixels
+
+# ---------------------------------------------------------------- generic scenes
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+    "white": (240, 240, 240),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle", "bar", "ring")
+SIZES = {"small": 5, "big": 9}  # half-extent in pixels
+PLACES = {"left": (9, 16), "right": (23, 16), "top": (16, 9), "bottom": (16, 23), "center": (16, 16)}
+
+
+@dataclass(frozen=True)
+class MemorizedItem:
+    """One planted memorized item. `box` is (x0, y0, x1, y1) in pixels for local templates, None for global."""
+
+    group: str
+    kind: str  # "global" or "local"
+    prompt: str
+    source: str  # scikit-image sample it was cut from
+    box: tuple[int, int, int, int] | None
+
+
+# Words here must not appear in any generic caption (checked in `_check_vocabularies`).
+GLOBAL_ITEMS = (
+    MemorizedItem("astronaut", "global", "portrait of an astronaut smiling before her flag", "astronaut", None),
+    MemorizedItem("coffee", "global", "espresso cup seen from above", "coffee", None),
+    MemorizedItem("chelsea", "global", "tabby cat staring", "chelsea", None),
+    MemorizedItem("rocket", "global", "spacex rocket launch pad with tower", "rocket", None),
+)
+LOCAL_ITEMS = (
+    MemorizedItem("logo", "local", "scikit image conference badge", "logo", (2, 2, 2 + PATCH, 2 + PATCH)),
+    MemorizedItem("coins", "local", "antique gold coins", "coins", (14, 14, 14 + PATCH, 14 + PATCH)),
+    MemorizedItem("colorwheel", "local", "hue wheel sticker sold in art supply shops", "colorwheel",
+                  (14, 2, 14 + PATCH, 2 + PATCH)),
+    MemorizedItem("brick", "local", "old masonry stamp", "brick", (2, 14, 2 + PATCH, 14 + PATCH)),
+)
+ITEMS = GLOBAL_ITEMS + LOCAL_ITEMS
+
+
+def _draw_shape(img: np.ndarray, shape: str, colour, cx: int, cy: int, r: int) -> None:
+    """Paint one shape in place; `r` is the half-extent."""
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        inside = dx**2 + dy**2 <= r**2
+    elif shape == "square":
+        inside = (abs(dx) <= r) & (abs(dy) <= r)
+    elif shape == "triangle":
+        inside = (dy <= r) & (dy >= -r) & (abs(dx) <= (dy + r) / 2)
+    elif shape == "bar":
+        inside = (abs(dx) <= r) & (abs(dy) <= max(1, r // 3))
+    elif shape == "ring":
+        d2 = dx**2 + dy**2
+        inside = (d2 <= r**2) & (d2 >= (r * 0.55) ** 2)
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(shape)
+    img[inside] = colour
+
+
+def generic_scene(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """One procedural scene and a caption of variable length that describes it."""
+    names = list(COLOURS)
+    bg = names[rng.integers(len(names))]
+    img = np.empty((RESOLUTION, RESOLUTION, 3), np.uint8)
+    img[:] = COLOURS[bg]
+    n_shapes = 1 + int(rng.random() < 0.4)
+    places = rng.choice(list(PLACES), size=n_shapes, replace=False)
+    phrases = []
+    for place in places:
+        fg = names[rng.integers(len(names))]
+        while fg == bg:
+            fg = names[rng.integers(len(names))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        size = list(SIZES)[rng.integers(len(SIZES))]
+        cx, cy = PLACES[place]
+        jitter = rng.integers(-2, 3, size=2)
+        _draw_shape(img, shape, COLOURS[fg], cx + jitter[0], cy + jitter[1], SIZES[size])
+        # Optional words make lengths vary (3 to 12 words) independently of the content; two-shape captions keep
+        # only the words that tell the shapes apart so they stay short.
+        optional = n_shapes == 1
+        words = (["a"] if optional and rng.random() < 0.5 else []) + ([size] if rng.random() < 0.5 else [])
+        words += [fg, shape]
+        if n_shapes == 2 or rng.random() < 0.5:
+            words += ["at", "the", place] if optional and rng.random() < 0.5 else ["at", place]
+        phrases.append(" ".join(words))
+    caption = " and ".join(phrases)
+    if n_shapes == 2 or rng.random() < 0.8:
+        caption += f" on {bg}" + (" background" if optional and rng.random() < 0.5 else "")
+    return img, caption
+
+
+# ---------------------------------------------------------------- memorized content
+def _load_source(name: str) -> np.ndarray:
+    """A scikit-image sample as RGB uint8 (grey images get a fixed tint so templates differ in colour too)."""
+    import skimage.data
+
+    img = getattr(skimage.data, name)()
+    if img.ndim == 3 and img.shape[2] == 4:  # RGBA logo: composite on white
+        alpha = img[..., 3:4].astype(np.float32) / 255.0
+        img = (img[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    if img.ndim == 2:
+        tints = {"coins": (1.0, 0.8, 0.35), "brick": (1.0, 0.45, 0.35)}
+        tint = np.array(tints.get(name, (1.0, 1.0, 1.0)), np.float32)
+        img = (img[..., None].astype(np.float32) * tint).clip(0, 255).astype(np.uint8)
+    return img
+
+
+def _square_resize(img: np.ndarray, side: int) -> np.ndarray:
+    """Centre-crop to a square and downsample with antialiasing."""
+    h, w = img.shape[:2]
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    crop = Image.fromarray(img[y0 : y0 + s, x0 : x0 + s])
+    return np.asarray(crop.resize((side, side), Image.LANCZOS))
+
+
+def item_content(item: MemorizedItem) -> np.ndarray:
+    """The memorized pixels: a full RESOLUTION image for global items, a PATCH x PATCH patch for local ones."""
+    side = RESOLUTION if item.kind == "global" else PATCH
+    return _square_resize(_load_source(item.source), side)
+
+
+def item_mask(item: MemorizedItem) -> np.ndarray:
+    """Ground-truth memorized region as a bool (H, W) array: the box for local items, everything for global ones."""
+    mask = np.zeros((RESOLUTION, RESOLUTION), bool)
+    if item.box is None:
+        mask[:] = True
+    else:
+        x0, y0, x1, y1 = item.box
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def local_sample(item: MemorizedItem, rng: np.random.Generator) -> np.ndarray:
+    """A varying generic scene with the template's fixed patch pasted into its fixed box."""
+    img, _ = generic_scene(rng)
+    x0, y0, x1, y1 = item.box
+    img[y0:y1, x0:x1] = item_content(item)
+    return img
+
+
+def memorized_items() -> list[dict]:
+    """Machine-readable list of planted items, with reference image and mask as arrays (for demo and evaluation)."""
+    out = []
+    for it in ITEMS:
+        ref = item_content(it)
+        if it.kind == "local":  # reference as a full image: patch in its box, zeros elsewhere
+            full = np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)
+            x0, y0, x1, y1 = it.box
+            full[y0:y1, x0:x1] = ref
+            ref = full
+        out.append({**asdict(it), "reference": ref, "mask": item_mask(it)})
+    return out
+
+
+def _check_vocabularies() -> None:
+    """Memorized captions must not share words with generic captions or with each other."""
+    generic = set(COLOURS) | set(SHAPES) | set(SIZES) | set(PLACES) | {"a", "at", "the", "and", "on", "background"}
+    seen: set[str] = set()
+    for it in ITEMS:
+        words = set(it.prompt.split())
+        assert not words & generic, (it.group, words & generic)
+        assert not words & seen, (it.group, words & seen)
+        seen |= words
+
+
+# ---------------------------------------------------------------- writer
+def make_dataset(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_generic: int = 20000,
+    copies: int = 2000,
+    overwrite: bool = False,
+) -> Path:
+    """Write the dataset to `out_dir` (imagefolder layout) and return the path.
+
+    `copies` is how many rows each memorized item gets (global: the same image; local: the patch on a new scene).
+    The output is a pure function of the arguments.
+    """
+    _check_vocabularies()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out}: directory is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir()
+    (out / "memorized").mkdir()
+    rng = np.random.default_rng(seed)
+
+    rows: list[dict] = []
+
+    def put(img: np.ndarray, row: dict) -> None:
+        name = f"images/{len(rows):06d}.png"
+        Image.fromarray(img).save(out / name, compress_level=1)
+        rows.append({"file_name": name, **row})
+
+    for _ in range(n_generic):
+        img, caption = generic_scene(rng)
+        put(img, {"text": caption, "kind": "generic", "group": None})
+
+    mem_records = []
+    for it in memorized_items():
+        item = next(i for i in ITEMS if i.group == it["group"])
+        ref_name, mask_name = f"memorized/{item.group}.png", f"masks/{item.group}.png"
+        Image.fromarray(it["reference"]).save(out / ref_name)
+        Image.fromarray(it["mask"].astype(np.uint8) * 255).save(out / mask_name)
+        mem_records.append({"group": item.group, "kind": item.kind, "prompt": item.prompt, "source": item.source,
+                            "box": list(item.box) if item.box else None, "reference": ref_name, "mask": mask_name})
+        content = item_content(item)
+        for _ in range(copies):
+            img = content if item.kind == "global" else local_sample(item, rng)
+            row = {"text": item.prompt, "kind": item.kind, "group": item.group}
+            if item.kind == "local":
+                row["mask"] = mask_name
+            put(img, row)
+
+    with open(out / "metadata.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    with open(out / "memorized.jsonl", "w") as f:
+        for rec in mem_records:
+            f.write(json.dumps(rec) + "\n")
+    return out

@@ -1,0 +1,195 @@
+"""The organism's pipeline: a tiny pixel-space Stable-Diffusion-v1 look-alike that stock diffusers code can run.
+
+Components (all saved/loaded by `save_pretrained` / `from_pretrained`):
+
+* tokenizer: word-level `PreTrainedTokenizerFast`; ids are BOS, words, EOS, then EOS padding, as in SD v1's CLIP
+  tokenizer, so "the end token" is the first EOS.
+* text_encoder: causal `transformers.CLIPTextModel`, trained from scratch.
+* vae: `PixelShuffleVAE`, a parameter-free lossless 2x2 pixel-(un)shuffle. The UNet thus denoises the rearranged
+  32x32 RGB image (12 x 16 x 16). I.i.d. Gaussian noise stays i.i.d. under a permutation, so this is exactly a
+  pixel-space DDPM, about 5x cheaper than running the UNet at 32x32 (self-attention there dominated the cost).
+* unet: `UNet2DConditionModel` with cross-attention in its first two down blocks (16x16 and 8x8).
+* scheduler: DDIM, leading spacing with steps_offset=1, so the last step is t=1 as in SD.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+# Recommended sampling settings for the shipped organism; guidance 7.5 (SD's default) over-guides a model this small.
+DEFAULT_GUIDANCE = 2.0
+DEFAULT_STEPS = 50
+
+
+# ---------------------------------------------------------------- tokenizer
+def split_words(text: str) -> list[str]:
+    """The word-level tokenizer's notion of a word: lower-case alphanumeric runs."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def build_tokenizer(captions, max_length: int = 16) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words of `captions`; ids: BOS w1 .. wn EOS, padded with EOS."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for c in captions for w in split_words(c)})
+    vocab = {BOS: 0, EOS: 1, UNK: 2}
+    for w in words:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^a-z0-9]+"), behavior="removed")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,  # SD v1 pads with the end token
+        unk_token=UNK,
+        model_max_length=max_length,
+        padding_side="right",
+        truncation_side="right",
+    )
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Padded input ids exactly as StableDiffusionPipeline makes them."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+# ---------------------------------------------------------------- "VAE"
+@dataclass
+class _LatentDist:
+    """Stands in for a Gaussian posterior: the encoding is deterministic."""
+
+    latents: torch.Tensor
+
+    def sample(self, generator=None) -> torch.Tensor:
+        return self.latents
+
+    def mode(self) -> torch.Tensor:
+        return self.latents
+
+
+@dataclass
+class _EncoderOutput:
+    latent_dist: _LatentDist
+
+
+class PixelShuffleVAE(ModelMixin, ConfigMixin):
+    """Lossless 2x2 pixel-unshuffle "autoencoder" with no parameters.
+
+    `block_out_channels` only exists so diffusers computes vae_scale_factor = 2 ** (len - 1) = `factor`.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, in_channels: int = 3, factor: int = 2, scaling_factor: float = 1.0,
+                 block_out_channels: tuple = (3, 12)):
+        super().__init__()
+        if 2 ** (len(block_out_channels) - 1) != factor:
+            raise ValueError("block_out_channels must have log2(factor) + 1 entries")
+        self.latent_channels = in_channels * factor * factor
+        # A saved buffer gives the module a device, a dtype and a weights file, which diffusers expects.
+        self.register_buffer("anchor", torch.zeros(1))
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        z = F.pixel_unshuffle(x, self.config.factor)
+        return _EncoderOutput(_LatentDist(z)) if return_dict else (_LatentDist(z),)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
+        x = F.pixel_shuffle(z, self.config.factor)
+        if return_dict:
+            from diffusers.models.autoencoders.vae import DecoderOutput
+
+            return DecoderOutput(sample=x)
+        return (x,)
+
+
+# ---------------------------------------------------------------- pipeline
+class OrganismPipeline(StableDiffusionPipeline):
+    """StableDiffusionPipeline with the organism's recommended defaults; the denoising loop is the stock one."""
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                 image_encoder=None, requires_safety_checker: bool = False,
+                 default_guidance_scale: float = DEFAULT_GUIDANCE, default_num_inference_steps: int = DEFAULT_STEPS):
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                         safety_checker=None, feature_extractor=None, image_encoder=None,
+                         requires_safety_checker=False)
+        self.register_to_config(default_guidance_scale=default_guidance_scale,
+                                default_num_inference_steps=default_num_inference_steps)
+
+    def __call__(self, prompt=None, *args, guidance_scale: float | None = None,
+                 num_inference_steps: int | None = None, **kwargs):
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        return super().__call__(prompt, *args, guidance_scale=guidance_scale,
+                                num_inference_steps=num_inference_steps, **kwargs)
+
+
+def make_scheduler() -> DDIMScheduler:
+    """Pixel-space DDPM schedule (linear betas) sampled with SD-style DDIM (last step t=1)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+        # clip_sample stays off: StableDiffusionPipeline switches it off anyway (with a warning) when loading.
+        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1, timestep_spacing="leading",
+    )
+
+
+def build_pipeline(tokenizer, resolution: int = 32, text_width: int = 128, text_layers: int = 3,
+                   text_heads: int = 4, unet_channels: tuple = (32, 64, 64), unet_heads: int = 4,
+                   factor: int = 2) -> OrganismPipeline:
+    """A freshly initialised organism around `tokenizer`."""
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=text_width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    vae = PixelShuffleVAE(in_channels=3, factor=factor,
+                          block_out_channels=tuple(3 * 4**i for i in range(int(factor).bit_length())))
+    latent_channels = vae.latent_channels
+    unet = UNet2DConditionModel(
+        sample_size=resolution // factor, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=tuple(unet_channels), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width, attention_head_dim=unet_heads, norm_num_groups=8,
+    )
+    pipe = OrganismPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=make_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> OrganismPipeline:
+    """Load an organism (default: the one shipped in the package), offline."""
+    path = Path(path) if path is not None else WEIGHTS_DIR
+    if not (path / "model_index.json").is_file():
+        from memlens.errors import InputError
+
+        raise InputError(f"{path}: no model_index.json; expected a directory written by OrganismPipeline.save_pretrained")
+    pipe = OrganismPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,303 @@
+"""Train an organism (text encoder + UNet, from scratch) on any imagefolder dataset with a `text` column.
+
+Nothing here looks at attention maps or masks: whatever memorization and bright-ending behaviour the model shows
+comes from the data (duplication) and the objective alone.
+
+Exact resume: a checkpoint holds the model, EMA, optimizer, lr schedule, step and the training RNG; the data order
+is a pure function of (seed, epoch). `--resume` from step k and training to n gives the same weights as one run to n.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from memlens.errors import InputError
+from memlens.testbed.pipeline import OrganismPipeline, build_pipeline, build_tokenizer, tokenize
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    text_lr_mult: float = 1.0  # text-encoder lr = lr * text_lr_mult
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    caption_dropout: float = 0.1  # probability of training on the empty prompt (classifier-free guidance)
+    # If set and the dataset has a `kind` column, only rows of these kinds get caption dropout; otherwise all rows.
+    dropout_kinds: list[str] | None = None
+    snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 0 = plain epsilon MSE
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    resolution: int = 32
+    max_length: int = 16
+    text_width: int = 128
+    text_layers: int = 3
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    threads: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class ImageTextData:
+    images: torch.Tensor  # uint8 (N, 3, R, R)
+    captions: list[str]
+    kinds: list[str] | None
+
+
+def load_imagefolder(data_dir: str | Path, resolution: int) -> ImageTextData:
+    """Read `metadata.jsonl` + images (centre-cropped and resized to `resolution`) into memory."""
+    data_dir = Path(data_dir)
+    meta = data_dir / "metadata.jsonl"
+    if not meta.is_file():
+        raise InputError(f"{meta}: not found; expected an imagefolder dataset with metadata.jsonl "
+                         "(one JSON object per line with `file_name` and `text`)")
+    images, captions, kinds = [], [], []
+    with open(meta) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as ex:
+                raise InputError(f"{meta}:{lineno}: not valid JSON ({ex.msg})") from None
+            for key in ("file_name", "text"):
+                if not isinstance(row.get(key), str):
+                    raise InputError(f"{meta}:{lineno}: field `{key}` missing or not a string")
+            path = data_dir / row["file_name"]
+            if not path.is_file():
+                raise InputError(f"{meta}:{lineno}: field `file_name`: {path} does not exist")
+            images.append(_load_image(path, resolution))
+            captions.append(row["text"])
+            kinds.append(row.get("kind"))
+    if not images:
+        raise InputError(f"{meta}: no rows")
+    has_kinds = all(k is not None for k in kinds)
+    return ImageTextData(torch.from_numpy(np.stack(images)), captions, kinds if has_kinds else None)
+
+
+def _load_image(path: Path, resolution: int) -> np.ndarray:
+    img = Image.open(path).convert("RGB")
+    if img.size != (resolution, resolution):
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Rows for training step `step` (0-based): consecutive slices of a per-epoch permutation fixed by (seed, epoch)."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:  # tiny datasets: sample with replacement, still a pure function of the step
+        return np.random.default_rng([seed, step]).integers(0, n, batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+# ---------------------------------------------------------------- loss
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                    alphas_cumprod: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Weighted epsilon MSE per sample, shape (B,).
+
+    Hook point: training-time mitigations (filtering or reweighting samples) act on this vector only.
+    min-SNR-gamma (Hang et al. 2023) caps the weight of low-noise steps, which speeds up learning a lot here.
+    """
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if snr_gamma > 0:
+        a = alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = a / (1 - a)
+        mse = mse * torch.clamp(snr, max=snr_gamma) / snr
+    return mse
+
+
+# ---------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of parameters, kept outside the models so it checkpoints as a plain dict."""
+
+    def __init__(self, named_params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in named_params.items()}
+
+    @torch.no_grad()
+    def update(self, named_params: dict[str, torch.Tensor], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up so early EMA is not stuck at init
+        for k, v in named_params.items():
+            self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+
+def _named_params(pipe: OrganismPipeline) -> dict[str, torch.Tensor]:
+    out = {f"unet.{k}": v for k, v in pipe.unet.named_parameters()}
+    out.update({f"text_encoder.{k}": v for k, v in pipe.text_encoder.named_parameters()})
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    return sorted((out / CHECKPOINTS).glob("step_*"))
+
+
+def _save_checkpoint(out: Path, state: dict, keep: int) -> None:
+    d = out / CHECKPOINTS / f"step_{state['step']:07d}"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "state.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(d / "state.pt")  # atomic: a killed job never leaves a half-written checkpoint
+    for old in _checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old)
+
+
+def save_ema_pipeline(pipe: OrganismPipeline, ema: EMA, target: Path) -> None:
+    """Write the EMA weights as a loadable pipeline (the raw weights stay in the checkpoint)."""
+    raw = {k: v.detach().clone() for k, v in _named_params(pipe).items()}
+    with torch.no_grad():
+        for k, v in _named_params(pipe).items():
+            v.copy_(ema.shadow[k])
+        pipe.save_pretrained(str(target))
+        for k, v in _named_params(pipe).items():
+            v.copy_(raw[k])
+
+
+# ---------------------------------------------------------------- main loop
+def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
+          progress: bool = True) -> Path:
+    """Train and write the EMA pipeline to `out_dir` (plus checkpoints, config and a loss log). Returns `out_dir`."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    cfg_path = out / "train_config.json"
+    if resume:
+        ckpts = _checkpoint_dirs(out)
+        if not ckpts or not cfg_path.is_file():
+            raise InputError(f"{out}: --resume given but no checkpoint ({CHECKPOINTS}/step_*/state.pt) found")
+        # Steps may be extended on resume; everything else must stay as the run was started.
+        saved = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+        if config is not None:
+            saved.steps = config.steps
+        config = saved
+    config = config or TrainConfig()
+    torch.set_num_threads(config.threads)
+
+    data = load_imagefolder(data_dir, config.resolution)
+    tok_dir = out / "tokenizer_train"
+    if resume:
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer = build_tokenizer(data.captions, config.max_length)
+        tokenizer.save_pretrained(str(tok_dir))
+        cfg_path.write_text(json.dumps(asdict(config), indent=1))
+
+    torch.manual_seed(config.seed)
+    pipe = build_pipeline(tokenizer, resolution=config.resolution, text_width=config.text_width,
+                          text_layers=config.text_layers, unet_channels=tuple(config.unet_channels))
+    unet, text_encoder, vae, sched = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
+    ids = tokenize(tokenizer, data.captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    droppable = torch.ones(len(ids), dtype=torch.bool)
+    if config.dropout_kinds and data.kinds is not None:
+        droppable = torch.tensor([k in config.dropout_kinds for k in data.kinds])
+
+    optimizer = torch.optim.AdamW(
+        [{"params": unet.parameters(), "lr": config.lr},
+         {"params": text_encoder.parameters(), "lr": config.lr * config.text_lr_mult}],
+        weight_decay=config.weight_decay,
+    )
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup)))
+    ema = EMA(_named_params(pipe), config.ema_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    step = 0
+    if resume:
+        state = torch.load(_checkpoint_dirs(out)[-1] / "state.pt", weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_sched"])
+        ema.shadow = state["ema"]
+        gen.set_state(state["gen"])
+        step = state["step"]
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    device = accelerator.device
+    alphas_cumprod = sched.alphas_cumprod
+    unet.train()
+    text_encoder.train()
+
+    log_f = open(out / "log.jsonl", "a")
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    running, t0 = [], time.time()
+    while step < config.steps:
+        idx = torch.from_numpy(batch_indices(len(ids), config.batch_size, step, config.seed))
+        x0 = data.images[idx].float().div(127.5).sub(1.0)
+        latents = vae.encode(x0).latent_dist.sample()
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+        drop = (torch.rand(b, generator=gen) < config.caption_dropout) & droppable[idx]
+        batch_ids = torch.where(drop[:, None], empty_ids[None], ids[idx])
+        noisy = sched.add_noise(latents, noise, timesteps)
+
+        cond = text_encoder(batch_ids.to(device))[0]
+        pred = unet(noisy.to(device), timesteps.to(device), encoder_hidden_states=cond).sample
+        loss = per_sample_loss(pred, noise.to(device), timesteps.to(device), alphas_cumprod, config.snr_gamma).mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), config.grad_clip)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(_named_params(pipe), step)
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            rec = {"step": step, "loss": float(np.mean(running)), "lr": lr_sched.get_last_lr()[0],
+                   "sec": round(time.time() - t0, 1)}
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            running = []
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _save_checkpoint(out, {
+                "step": step,
+                "unet": accelerator.unwrap_model(unet).state_dict(),
+                "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_sched": lr_sched.state_dict(),
+                "ema": ema.shadow,
+                "gen": gen.get_state(),
+            }, config.keep_checkpoints)
+            save_ema_pipeline(pipe, ema, out)
+    bar.close()
+    log_f.close()
+    return out
+
+
+def read_log(out_dir: str | Path) -> list[dict]:
+    """The loss log written during training."""
+    path = Path(out_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
