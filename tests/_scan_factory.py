@@ -53,7 +53,7 @@ def make_scan(
                 "image": f"images/{name}.png",
                 "be_map": f"maps/{name}.npy",
                 "overlay": f"overlays/{name}.png",
-                "D": [float(x) for x in D],
+                "D": [x if isinstance(x, str) else float(x) for x in D],  # strings let tests write bad values
                 "LD": [float(x) for x in LD],
                 "eos_index": 5,
             }

@@ -90,7 +90,7 @@ def where(rec: dict) -> str:
 
 
 def record_key(rec: dict) -> str:
-    """The file stem a record's mask or reference folder is named by: dataset `index` if present, else `prompt_index`."""
+    """The name of a record's mask file / reference folder: dataset `index` if present, else `prompt_index`."""
     return str(rec["index"]) if rec.get("index") is not None else str(rec["prompt_index"])
 
 

@@ -83,6 +83,12 @@ def _quiet_libraries() -> None:
     # The "Loading pipeline components" bar and per-component info lines would interleave with the scan's own bar.
     dlog.disable_progress_bar()
     dlog.set_verbosity_error()
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()  # its "Loading weights" bar, once per text encoder
+    except ImportError:
+        pass
 
 
 def _load_testbed():
@@ -139,15 +145,49 @@ def _load_local(path: Path, torch_dtype):
 
 def _load_hub(model: str, torch_dtype):
     from diffusers import DiffusionPipeline
+    from huggingface_hub import constants as hub
 
+    kwargs = _dtype_kwarg(torch_dtype)
+    # The local cache first: offline machines with a cached model should not wait out the hub's retries.
+    try:
+        components = DiffusionPipeline.load_config(model, local_files_only=True)
+    except Exception:
+        components = None
+    if components is not None:
+        try:
+            return DiffusionPipeline.from_pretrained(
+                model, local_files_only=True, **kwargs, **_no_safety_kwargs(components)
+            )
+        except Exception:
+            pass  # partly cached: let the hub fill the gaps below
+    if hub.HF_HUB_OFFLINE:
+        raise InputError(
+            f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "pass a local diffusers folder instead"
+        )
     try:
         components = DiffusionPipeline.load_config(model)
-        return DiffusionPipeline.from_pretrained(model, **_dtype_kwarg(torch_dtype), **_no_safety_kwargs(components))
+        return DiffusionPipeline.from_pretrained(model, **kwargs, **_no_safety_kwargs(components))
     except Exception as err:  # huggingface_hub's offline/not-found/gated errors share no useful base class
-        raise InputError(
-            f"--model {model}: could not load from the Hugging Face hub ({_first_line(err)}); "
-            "if you are offline, pass a local diffusers folder instead"
-        ) from None
+        if _is_connection_error(err):
+            raise InputError(
+                f"--model {model}: cannot reach the Hugging Face hub and the model is not in the local cache; "
+                "pass a local diffusers folder instead"
+            ) from None
+        raise InputError(f"--model {model}: could not load from the Hugging Face hub ({_first_line(err)})") from None
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    # diffusers rewraps the transport error as "does not appear to have a file named ..."; the cause chain keeps it.
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if "Connect" in type(err).__name__ or "Timeout" in type(err).__name__ or type(err).__name__ == "gaierror":
+            return True
+        if type(err).__name__ == "LocalEntryNotFoundError":
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _first_line(err: BaseException) -> str:

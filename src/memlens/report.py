@@ -39,21 +39,25 @@ class _Images:
         self.problems: list[str] = []
 
     def tag(self, path: Path, alt: str) -> str:
-        src = self._src(path)
-        if src is None:
-            return f'<div class="missing" title="{html.escape(str(path))}">missing<br>{html.escape(path.name)}</div>'
-        return f'<img src="{src}" alt="{html.escape(alt)}" loading="lazy">'
+        found = self._src(path)
+        if found is None:
+            name = html.escape(path.name)
+            return f'<div class="missing" title="{html.escape(str(path))}">missing<br>{name}</div>'
+        src, side = found
+        # Blocky upscaling only for images smaller than their tile, where smoothing would blur the pixels away.
+        cls = ' class="px"' if side < 150 else ""
+        return f'<img src="{src}"{cls} alt="{html.escape(alt)}" loading="lazy">'
 
-    def _src(self, path: Path) -> str | None:
+    def _src(self, path: Path) -> tuple[str, int] | None:
+        from PIL import Image
+
         if not path.is_file():
             self.problems.append(f"missing: {path}")
             return None
-        if not self.inline:
-            return html.escape(Path(os.path.relpath(path, self.out_dir)).as_posix())
-        from PIL import Image
-
         try:
             with Image.open(path) as im:
+                if not self.inline:
+                    return html.escape(Path(os.path.relpath(path, self.out_dir)).as_posix()), max(im.size)
                 im = im.convert("RGB")
                 if max(im.size) > self.max_side:
                     im.thumbnail((self.max_side, self.max_side), Image.LANCZOS)
@@ -62,7 +66,7 @@ class _Images:
         except (OSError, ValueError) as err:
             self.problems.append(f"unreadable: {path} ({err})")
             return None
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), max(im.size)
 
 
 def _mean(values) -> float | None:
@@ -165,17 +169,21 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em
 h1{font-size:1.4em;margin:0 0 .3em} h2{font-size:1.05em;margin:.2em 0 .4em;word-break:break-word}
 .pidx{color:#888;font-weight:normal} .note{color:#666}
 .controls{position:sticky;top:0;background:#fafafa;padding:.5em 0;border-bottom:1px solid #ddd;z-index:1}
-.controls button{margin-right:.4em;padding:.3em .8em;border:1px solid #999;border-radius:4px;background:#fff;cursor:pointer}
+.controls button{margin-right:.4em;padding:.3em .8em;border:1px solid #999;border-radius:4px;background:#fff;
+ cursor:pointer}
 .controls button.active{background:#2a6ebb;color:#fff;border-color:#2a6ebb}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.7em 1em;margin:.8em 0}
 .scores{font-size:.9em;color:#444;margin-bottom:.5em}
 .badge{display:inline-block;padding:0 .5em;margin-left:.3em;border-radius:3px;background:#eee;font-size:.85em}
-.badge.mem{background:#c62828;color:#fff} .badge.non{background:#2e7d32;color:#fff} .badge.type{background:#6a1b9a;color:#fff}
+.badge.mem{background:#c62828;color:#fff} .badge.non{background:#2e7d32;color:#fff}
+.badge.type{background:#6a1b9a;color:#fff}
 .grid{display:flex;flex-wrap:wrap;gap:.8em}
 figure.gen{margin:0;padding:.3em;border:1px solid #eee;border-radius:4px}
-figure.gen img,.missing{width:150px;height:auto;image-rendering:pixelated;display:inline-block;margin:1px}
+figure.gen img,.missing{width:150px;height:auto;display:inline-block;margin:1px}
+img.px{image-rendering:pixelated}
 figure.ref{background:#fff8e1}
-.missing{height:150px;background:#eee;color:#999;font-size:.8em;text-align:center;padding-top:60px;box-sizing:border-box}
+.missing{height:150px;background:#eee;color:#999;font-size:.8em;text-align:center;padding-top:60px;
+ box-sizing:border-box}
 figcaption{font-size:.78em;color:#555;margin-top:.2em}
 img.roc{max-width:100%;border:1px solid #ddd;background:#fff}
 table.metrics{border-collapse:collapse;font-size:.85em;margin:.6em 0}
@@ -237,7 +245,8 @@ def write_report(
     problems = ""
     if images.problems:
         items = "".join(f"<li>{html.escape(p)}</li>" for p in images.problems[:20])
-        problems = f'<details><summary>{len(images.problems)} image(s) missing or unreadable</summary><ul>{items}</ul></details>'
+        summary = f"{len(images.problems)} image(s) missing or unreadable"
+        problems = f"<details><summary>{summary}</summary><ul>{items}</ul></details>"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -246,7 +255,8 @@ def write_report(
 <body>
 <h1>memlens report: {html.escape(str(scan_dir))}</h1>
 <p>{len(groups)} prompts, {len(records)} generations, {n_lab} labelled.
-D = Wen's magnitude ‖ε<sub>c</sub>−ε<sub>u</sub>‖₂ and LD = the BE-masked magnitude, each averaged over all steps.</p>
+D = Wen's magnitude ‖ε<sub>c</sub>−ε<sub>u</sub>‖₂ and LD = the BE-masked magnitude,
+each averaged over all steps.</p>
 {problems}
 {"<details><summary>run.json</summary><pre>" + html.escape(settings) + "</pre></details>" if settings else ""}
 <h2>Detection</h2>
@@ -269,7 +279,9 @@ def report_command(
     references: Annotated[
         Optional[Path], typer.Option("--references", help="Training images as <index>/*.png, shown per prompt.")
     ] = None,
-    link: Annotated[bool, typer.Option("--link", help="Refer to images by relative path instead of inlining.")] = False,
+    link: Annotated[
+        bool, typer.Option("--link", help="Refer to images by relative path instead of inlining.")
+    ] = False,
     max_side: Annotated[int, typer.Option("--max-side", help="Downscale inlined images to this many pixels.")] = 256,
 ) -> None:
     """Write one self-contained HTML page: images, BE overlays, scores, sortable, with ROC curves when labelled."""

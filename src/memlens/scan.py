@@ -148,9 +148,17 @@ def _plain_overlay(image, be_map: np.ndarray):
 
 
 def _partial_state():
-    from accelerate import PartialState
+    import os
 
-    return PartialState()
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState only forms a CPU process group when told `cpu=True`; without a GPU, torchrun-launched
+    # processes (`accelerate launch --multi_gpu --num_processes N` on a CPU box) would each think they are alone.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (world > 1 and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
 
 
 def _pick_device(device: Optional[str], state) -> str:

@@ -159,7 +159,12 @@ def _match_reference(generated: np.ndarray, reference: np.ndarray) -> np.ndarray
     if reference.shape == generated.shape:
         return reference
     h, w = generated.shape[:2]
-    return np.asarray(_to_pil(reference).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+    # Per channel in PIL's float mode, so resizing adds no 8-bit rounding to the distance.
+    channels = []
+    for c in range(3):
+        plane = Image.fromarray(np.ascontiguousarray(reference[..., c], np.float32), "F")
+        channels.append(np.asarray(plane.resize((w, h), Image.BILINEAR)))
+    return np.stack(channels, axis=-1).astype(np.float32)
 
 
 def _mask_weights(be_map: np.ndarray, size: tuple[int, int], normalize: str) -> np.ndarray:

@@ -17,6 +17,7 @@ The memorized items are a pure function of this module (crops of images shipped 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -153,6 +154,12 @@ def _square_resize(img: np.ndarray, side: int) -> np.ndarray:
 
 def item_content(item: MemorizedItem) -> np.ndarray:
     """The memorized pixels: a full RESOLUTION image for global items, a PATCH x PATCH patch for local ones."""
+    return _item_content(item).copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _item_content(item: MemorizedItem) -> np.ndarray:
+    # Cached: every local row pastes the same patch, and decoding the source image each time dominated run time.
     side = RESOLUTION if item.kind == "global" else PATCH
     return _square_resize(_load_source(item.source), side)
 

@@ -14,6 +14,7 @@ Components (all saved/loaded by `save_pretrained` / `from_pretrained`):
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,15 @@ class OrganismPipeline(StableDiffusionPipeline):
                          requires_safety_checker=False)
         self.register_to_config(default_guidance_scale=default_guidance_scale,
                                 default_num_inference_steps=default_num_inference_steps)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual, but name the stock StableDiffusionPipeline in model_index.json so that any diffusers
+        loader (`DiffusionPipeline.from_pretrained`) can read the folder; `load_pipeline` restores this class."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = StableDiffusionPipeline.__name__
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def __call__(self, prompt=None, *args, guidance_scale: float | None = None,
                  num_inference_steps: int | None = None, **kwargs):
