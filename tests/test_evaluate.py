@@ -125,6 +125,20 @@ def test_detection_user_errors(tmp_path, capsys):
         E.detection_results([tmp_path / "nowhere"])
 
 
+def test_reads_a_scan_in_progress_like_the_scan_writer_leaves_it(tmp_path):
+    recs = make_scan(tmp_path / "s", n_prompts=3, per_prompt=1)
+    main_log = tmp_path / "s" / "generations.jsonl"
+    lines = main_log.read_text().splitlines()
+    # generations.jsonl has prompt 0, a shard has prompts 0 (duplicate) and 1, and a torn write of prompt 2
+    main_log.write_text(lines[0] + "\n")
+    (tmp_path / "s" / "shards").mkdir()
+    (tmp_path / "s" / "shards" / "rank-1.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:40])
+    got = E.load_generations(tmp_path / "s")
+    assert [r["prompt_index"] for r in got] == [0, 1]
+    assert got[1]["_file"].name == "rank-1.jsonl" and got[1]["_line"] == 2
+    assert len(recs) == 3
+
+
 def test_crash_during_write_leaves_no_complete_looking_file(tmp_path, monkeypatch):
     target = tmp_path / "res.json"
     target.write_text("old\n")

@@ -33,35 +33,59 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def load_generations(scan_dir: Path, required: Iterable[str] = ()) -> list[dict]:
-    """The records of `scan_dir/generations.jsonl`, each with `_line` (1-based) and `_dir` added.
+    """The records of a scan directory, each with `_file`, `_line` (1-based) and `_dir` added.
 
-    `required` names the fields this caller needs; a missing or mistyped one is an `InputError` naming the line.
+    Reads `generations.jsonl` and, for a multi-process scan not merged yet, `shards/rank-*.jsonl`, keeping the first
+    record of each (prompt_index, image_index). As the scan writer guarantees, only a LAST line without its newline
+    can be a torn write of a scan in progress; it is skipped. Any other bad line, and a missing or mistyped field
+    in `required`, is an `InputError` naming file and line.
     """
     scan_dir = Path(scan_dir)
-    path = scan_dir / "generations.jsonl"
-    if not path.is_file():
-        raise InputError(f"{path}: not found (is {scan_dir} a `memlens scan` output directory?)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path} line {n}: expected a JSON object, got {type(rec).__name__}")
+    main = scan_dir / "generations.jsonl"
+    shard_dir = scan_dir / "shards"
+    paths = [main, *(sorted(shard_dir.glob("rank-*.jsonl")) if shard_dir.is_dir() else [])]
+    if not any(p.is_file() for p in paths):
+        raise InputError(f"{main}: not found (is {scan_dir} a `memlens scan` output directory?)")
+    records, seen = [], set()
+    for path in paths:
+        for n, rec in _read_jsonl(path):
             for field in required:
                 _check_field(rec, field, path, n)
             if "label" in rec and rec["label"] not in (0, 1):
                 raise InputError(f"{path} line {n}: field 'label' must be 0 or 1, got {rec['label']!r}")
-            rec["_line"] = n
-            rec["_dir"] = scan_dir
+            key = (rec.get("prompt_index"), rec.get("image_index"))
+            if None not in key:
+                if key in seen:
+                    continue
+                seen.add(key)
+            rec.update(_file=path, _line=n, _dir=scan_dir)
             records.append(rec)
     if not records:
-        raise InputError(f"{path}: holds no generations")
+        raise InputError(f"{main}: holds no generations")
     return records
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+    if not path.is_file():
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err})") from None
+    lines = data.split(b"\n")
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            if n == len(lines):  # no newline after it: a torn write of a scan in progress
+                return
+            why = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+            raise InputError(f"{path} line {n}: not valid JSON ({why})") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path} line {n}: expected a JSON object, got {type(rec).__name__}")
+        yield n, rec
 
 
 def _check_field(rec: dict, field: str, path: Path, n: int) -> None:
@@ -86,7 +110,7 @@ def _check_field(rec: dict, field: str, path: Path, n: int) -> None:
 
 def where(rec: dict) -> str:
     """'DIR/generations.jsonl line N', for error messages."""
-    return f"{rec['_dir'] / 'generations.jsonl'} line {rec['_line']}"
+    return f"{rec['_file']} line {rec['_line']}"
 
 
 def record_key(rec: dict) -> str:
@@ -182,7 +206,7 @@ def _labels(scans: list[list[dict]]) -> tuple[np.ndarray, str]:
         elif not any(have):
             if i == 0 and len(scans) == 1:
                 raise InputError(
-                    f"{recs[0]['_dir'] / 'generations.jsonl'}: no 'label' fields; add them, or pass a second --scan "
+                    f"{recs[0]['_file']}: no 'label' fields; add them, or pass a second --scan "
                     "of non-memorized prompts (the first --scan then counts as memorized)"
                 )
             labels += [1 if i == 0 else 0] * len(recs)
@@ -208,7 +232,7 @@ def _present_signals(records: list[dict]) -> tuple[list[str], list[str]]:
         raise InputError("no record has 'D' or 'LD'; nothing to evaluate")
     for r in records:
         for s in signals:
-            _check_field(r, s, r["_dir"] / "generations.jsonl", r["_line"])
+            _check_field(r, s, r["_file"], r["_line"])
     return signals, notes
 
 
@@ -312,7 +336,9 @@ def roc_figure_png(curves: dict, title: str = "") -> bytes:
     for ax, t in zip(axes[0], ts):
         for (signal, tt, level), (fpr, tpr, auc) in sorted(curves.items()):
             if tt == t:
-                ax.plot(fpr, tpr, styles.get(level, "-"), label=f"{signal} {level} (AUC {auc:.3f})")
+                # D drawn wider underneath, so identical D and LD curves stay visible as two lines.
+                width = 3.0 if signal == "D" else 1.4
+                ax.plot(fpr, tpr, styles.get(level, "-"), lw=width, label=f"{signal} {level} (AUC {auc:.3f})")
         ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.8)
         ax.axvline(0.01, color="red", linewidth=0.6, alpha=0.5)
         ax.set_title(f"T = {t} steps" if t != "all" else "T = all steps")

@@ -70,7 +70,11 @@ class _Images:
 
 
 def _mean(values) -> float | None:
-    return float(np.mean(values)) if isinstance(values, list) and values else None
+    # The page shows what it can; malformed values are reported by `memlens evaluate`, not here.
+    try:
+        return float(np.mean(np.asarray(values, dtype=np.float64))) if isinstance(values, list) and values else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _fmt(x: float | None) -> str:

@@ -199,6 +199,9 @@ def run_scan(
     from memlens.models import load_pipeline, model_identity, pipeline_facts
 
     _check_positive(num_images=num_images, steps=steps, batch_size=batch_size, height=height, width=width)
+    if guidance <= 1:
+        # At guidance <= 1 diffusers skips the unconditional pass, and D/LD compare exactly those two predictions.
+        raise InputError(f"--guidance must be above 1 for a scan (D and LD need classifier-free guidance), got {guidance}")
     records = resolve_prompts(prompts)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -238,47 +241,50 @@ def run_scan(
         why = _settings_mismatch(previous.get("settings", {}), settings)
         if why:
             raise InputError(f"--out {out} holds a different scan: {why}; rerun with its settings or pick another --out")
-    elif (out / scanstore.GENERATIONS).exists():
+    elif (out / scanstore.GENERATIONS).exists() and (out / scanstore.GENERATIONS).stat().st_size > 0:
         raise InputError(f"--out {out} has {scanstore.GENERATIONS} but no run.json; pick another --out")
 
     items = [
         ScanItem(p, i, image_seed(seed, p, i, num_images)) for p in range(len(records)) for i in range(num_images)
     ]
-    done = scanstore.done_keys(out)  # every process reads before any process writes (barrier below)
-    todo = [it for it in items if it.key not in done]
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    mine = batches[state.process_index :: state.num_processes]
-    state.wait_for_everyone()
-
-    for sub in (IMAGES, MAPS, OVERLAYS):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:
-        scanstore.write_run_json(
-            out,
-            {
-                "format": FORMAT,
-                "status": "running",
-                "started_at": (previous or {}).get("started_at") or _now(),
-                "runs": (previous or {}).get("runs", 0) + 1,
-                "processes": state.num_processes,
-                "settings": settings,
-                "versions": _versions(),
-                "pipeline": facts,
-            },
-        )
     log_path = (
         out / scanstore.GENERATIONS
         if state.num_processes == 1
         else out / scanstore.SHARDS / f"rank-{state.process_index}.jsonl"
     )
+    # Lock first (a second scan into this folder stops here), then read what is done. Every process reads before
+    # any process appends (barrier below); the torn-tail cut the Log makes is invisible to readers, who skip it.
+    with scanstore.Log(log_path) as log:
+        done = scanstore.done_keys(out)
+        todo = [it for it in items if it.key not in done]
+        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        mine = batches[state.process_index :: state.num_processes]
+        state.wait_for_everyone()
 
-    factory = probe_factory or _default_probe_factory
-    with scanstore.Log(log_path) as log, factory(pipe, **(probe_options or {})) as probe:
-        bar = _progress_bar(sum(len(b) for b in mine), progress and state.is_main_process, state.num_processes)
-        for batch in mine:
-            log.append(_run_batch(pipe, probe, batch, records, out, steps, guidance, height, width))
-            bar.update(len(batch))
-        bar.close()
+        for sub in (IMAGES, MAPS, OVERLAYS):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        if state.is_main_process:
+            scanstore.write_run_json(
+                out,
+                {
+                    "format": FORMAT,
+                    "status": "running",
+                    "started_at": (previous or {}).get("started_at") or _now(),
+                    "runs": (previous or {}).get("runs", 0) + 1,
+                    "processes": state.num_processes,
+                    "settings": settings,
+                    "versions": _versions(),
+                    "pipeline": facts,
+                },
+            )
+
+        factory = probe_factory or _default_probe_factory
+        with factory(pipe, **(probe_options or {})) as probe:
+            bar = _progress_bar(sum(len(b) for b in mine), progress and state.is_main_process, state.num_processes)
+            for batch in mine:
+                log.append(_run_batch(pipe, probe, batch, records, out, steps, guidance, height, width))
+                bar.update(len(batch))
+            bar.close()
 
     state.wait_for_everyone()
     if state.is_main_process:
@@ -308,15 +314,19 @@ def _run_batch(pipe, probe, batch, records, out: Path, steps, guidance, height, 
     # CPU generators: the same seed gives the same starting noise on any device.
     gens = [torch.Generator("cpu").manual_seed(it.seed) for it in batch]
     probe.clear()
-    result = pipe(
-        prompt=[records[it.prompt_index].prompt for it in batch],
-        num_images_per_prompt=1,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=gens,
-        height=height,
-        width=width,
-    )
+    try:
+        result = pipe(
+            prompt=[records[it.prompt_index].prompt for it in batch],
+            num_images_per_prompt=1,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            height=height,
+            width=width,
+        )
+    except ValueError as err:  # diffusers' check_inputs: sizes not divisible, prompts too long for the model, ...
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise InputError(f"the pipeline refused these settings: {lines[0]}") from err
     images = result.images
     measured = list(probe.records)
     if len(measured) != len(batch) or len(images) != len(batch):

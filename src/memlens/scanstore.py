@@ -80,9 +80,23 @@ class Log:
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()
         self._fh = path.open("ab")
+        self._lock()
         self._cut_torn_tail()
         if not existed:
             _fsync_dir(path.parent)
+
+    def _lock(self) -> None:
+        # Two scans appending to one log would interleave records; the kernel drops the lock when a process dies,
+        # so a killed scan never leaves a stale lock behind.
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; run one scan per folder
+            return
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise InputError(f"{self.path}: another scan is writing to this folder right now") from None
 
     def _cut_torn_tail(self) -> None:
         size = self._fh.seek(0, os.SEEK_END)

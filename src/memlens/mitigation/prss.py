@@ -19,9 +19,13 @@ How PR attaches: `PromptReanchor` is two UNet hooks, nothing else. The pre-hook 
 the batch the pipeline is about to evaluate, [u, m] -> [u, m, o] (one UNet call per step, as the reference's notes
 suggest, instead of a second pass), and the forward hook folds the three predictions back into the [u, m] pair the
 pipeline expects, choosing the pair so that the pipeline's own CFG line, u + g (m' - u), yields the PR mixture:
-m' = u + (eps - u) / g. The stock denoising loop runs unmodified; the hooks are registered with `prepend=True`, so a
-`BrightEndingProbe` attached before or after sees a normal [u, m] batch and records the guided prediction's
-text term (eps - u) / g, with its BE map read from the modified prompt's rows.
+m' = u + (eps - u) / g. The stock denoising loop runs unmodified.
+
+Hook order matters and is fixed by registration: the pre-hook is appended (it runs after the pre-hooks of anything
+attached earlier, e.g. a `BrightEndingProbe`, which therefore reads the pipeline's own [u, m] batch) and the forward
+hook is prepended (everything else sees the folded [u, m'] output). So attach PR after the probe; attached before
+it, the probe sees 3n rows and refuses the call. The probe then records D = ||m' - u|| = ||eps - u|| / g, the text
+term the guided step actually used, and reads its BE map from the modified prompt's rows.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ class PromptReanchor:
     def __enter__(self) -> "PromptReanchor":
         unet = self.pipe.unet
         self._handles = [
-            unet.register_forward_pre_hook(self._expand, with_kwargs=True, prepend=True),
+            unet.register_forward_pre_hook(self._expand, with_kwargs=True),
             unet.register_forward_hook(self._fold, with_kwargs=True, prepend=True),
         ]
         return self

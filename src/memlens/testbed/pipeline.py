@@ -200,6 +200,10 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
         from memlens.errors import InputError
 
         raise InputError(f"{path}: no model_index.json; expected a directory written by OrganismPipeline.save_pretrained")
-    pipe = OrganismPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    from diffusers.utils import logging as dlog
+
+    # Loading bars would interleave with the caller's own output; this loads a few MB in well under a second.
+    dlog.disable_progress_bar()
+    pipe = OrganismPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

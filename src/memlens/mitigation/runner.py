@@ -1,0 +1,254 @@
+"""One batch of images through one mitigation method: decide per image, then generate with the stock pipeline.
+
+Order of work for a batch (each image has its own seed, so its x_T does not depend on the batch):
+1. encode the prompts and draw x_T as the pipeline would;
+2. `-be` methods: an unmitigated pass under the probe gives each image's BE map (and, at full length, IS the
+   unmitigated generation, kept for comparison);
+3. the method decides per image (first-step evaluations only) whether it triggers and what to generate with;
+4. generation:
+   - when an unmitigated full pass exists, untriggered images are taken from it and only triggered ones are generated
+     again;
+   - otherwise one call on the whole batch, untriggered rows with their original inputs. Same batch shape and same
+     row inputs give bit-identical rows (checked in the tests), so untriggered images equal the `none` method's;
+   - PR adds rows to the UNet batch, which would change the other rows' floating-point results, so a batch in which
+     only some images trigger PR is first generated unmitigated as a whole, then its triggered images again with PR.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from memlens.errors import InputError
+from memlens.mitigation import baselines
+from memlens.mitigation.conditioning import (Conditioning, draw_noise, encode, first_step, image_magnitude,
+                                             mask_tensor)
+from memlens.mitigation.prompt_embedding import DEFAULT_ITERS, DEFAULT_LR, optimize_embeddings
+from memlens.mitigation.prss import PromptReanchor, choose_candidates, validate_pr
+
+__all__ = ["METHODS", "Settings", "Job", "Outcome", "mitigate_batch"]
+
+METHODS = ("none", "pe", "pe-be", "prss", "prss-be", "rt", "rna", "cwr", "gni")
+MASKED = ("pe-be", "prss-be")
+
+
+@dataclass
+class Settings:
+    method: str = "none"
+    steps: int = 50
+    guidance: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    target: float = 1.0  # pe / pe-be: per-image magnitude to reach (n = 1 scale of the reference's README)
+    lr: float = DEFAULT_LR
+    max_iters: int = DEFAULT_ITERS
+    l_target_ss: float = 1.0
+    l_target_pr: float | None = 3.0  # None switches PR off (SS only)
+    mag_thres_pr: float = 5.0
+    noise_lambda: float = 0.1
+    repeat: int = baselines.DEFAULT_REPEAT
+    mask_steps: int | None = None  # -be: steps of the mask pass; None = a full unmitigated generation
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.guidance <= 1:
+            raise InputError(f"--guidance must be > 1 (the magnitudes need classifier-free guidance), got {self.guidance}")
+        if self.method.startswith("prss") and self.l_target_pr is not None:
+            validate_pr(self.l_target_pr, self.mag_thres_pr, self.guidance)
+        if self.max_iters < 0:
+            raise InputError("max_iters must be >= 0")
+        if self.mask_steps is not None and not 1 <= self.mask_steps <= self.steps:
+            raise InputError(f"--mask-steps must be between 1 and --steps ({self.steps}), got {self.mask_steps}")
+
+
+@dataclass
+class Job:
+    prompt: str
+    seed: int
+    captions: Sequence[str] = ()
+
+
+@dataclass
+class Outcome:
+    image: Any  # PIL image
+    record: Any  # memlens.probe.ImageRecord of the generation that produced `image`
+    triggered: bool
+    used_prompt: str
+    initial_magnitude: float | None
+    final_magnitude: float | None
+    iterations: int = 0
+    reanchored_steps: int = 0
+    unmitigated_image: Any = None  # when an unmitigated full pass was made
+    unmitigated_record: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+def _generate(pipe, probe_options: dict, cond: Conditioning, noise: torch.Tensor, prompts: list[str], steps: int,
+              s: Settings, reanchor=None):
+    # The probe is attached for generation calls only: the decision passes call the UNet directly, which its hooks
+    # would take for a pipeline run.
+    from memlens.probe import BrightEndingProbe
+
+    # PR is entered after the probe: its batch-expanding pre-hook must run after the probe's, which reads the
+    # pipeline's own [u, c] batch (see memlens.mitigation.prss).
+    with BrightEndingProbe(pipe, prompts=list(prompts), **probe_options) as probe, (reanchor or nullcontext()):
+        out = pipe(**cond.pipe_kwargs(), latents=noise, num_inference_steps=steps, guidance_scale=s.guidance,
+                   height=s.height, width=s.width)
+    records = list(probe.records)
+    if len(records) != len(prompts):
+        raise RuntimeError(f"the probe recorded {len(records)} images for {len(prompts)}")
+    return list(out.images), records
+
+
+def _merge_rows(cond: Conditioning, mod: Conditioning, rows: Sequence[int]) -> Conditioning:
+    """`cond` with the given rows taken from `mod` (other rows stay the very same tensors' values)."""
+    out = Conditioning(cond.embeds.clone(), cond.negative, None if cond.pooled is None else cond.pooled.clone(),
+                       cond.negative_pooled)
+    for i in rows:
+        out.embeds[i] = mod.embeds[i]
+        if out.pooled is not None:
+            out.pooled[i] = mod.pooled[i]
+    return out
+
+
+def _with_size(pipe, s: Settings) -> Settings:
+    # The pipelines' own default: the UNet's sample size times the VAE's scale factor.
+    if s.height and s.width:
+        return s
+    from dataclasses import replace
+
+    sample = pipe.unet.config.sample_size
+    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    return replace(s, height=s.height or h * pipe.vae_scale_factor, width=s.width or w * pipe.vae_scale_factor)
+
+
+def _latent_size(noise: torch.Tensor) -> tuple[int, int]:
+    return noise.shape[-2], noise.shape[-1]
+
+
+def mitigate_batch(pipe, jobs: Sequence[Job], s: Settings, probe_options: dict | None = None) -> list[Outcome]:
+    """Run `s.method` for `jobs` as one batch; every generation is recorded by a `BrightEndingProbe(pipe,
+    **probe_options)`."""
+    probe = dict(probe_options or {})
+    n = len(jobs)
+    s = _with_size(pipe, s)
+    prompts = [j.prompt for j in jobs]
+    seeds = [j.seed for j in jobs]
+    cond = encode(pipe, prompts)
+    noise = draw_noise(pipe, seeds, s.height, s.width, dtype=cond.embeds.dtype)
+    first = lambda c, x: first_step(pipe, c, x, steps=s.steps, guidance=s.guidance, height=s.height, width=s.width)  # noqa: E731
+
+    base = None  # (images, records) of an unmitigated pass
+    base_full = False
+    masks = None
+    if s.method in MASKED:
+        mask_steps = s.mask_steps or s.steps
+        base = _generate(pipe, probe, cond, noise, prompts, mask_steps, s)
+        base_full = mask_steps == s.steps
+        masks = mask_tensor([r.be_map for r in base[1]], _latent_size(noise), cond.embeds.device)
+
+    triggered = [False] * n
+    used = list(prompts)
+    initial: list[float | None] = [None] * n
+    final: list[float | None] = [None] * n
+    iterations = [0] * n
+    extra: list[dict] = [{} for _ in range(n)]
+    mod = cond
+    pr = None
+
+    if s.method in ("pe", "pe-be"):
+        res = optimize_embeddings(first(cond, noise), cond.embeds, s.target, masks=masks, lr=s.lr,
+                                  max_iters=s.max_iters)
+        triggered, initial, final, iterations = res.triggered, res.initial, res.final, res.iterations
+        mod = cond.with_embeds(res.embeds)
+    elif s.method in ("prss", "prss-be"):
+        scores, chosen_conds = [], []
+        for i, job in enumerate(jobs):
+            cands = [job.prompt, *job.captions]
+            cc = encode(pipe, cands)
+            m = None if masks is None else masks[i : i + 1].expand(len(cands), *masks.shape[1:])
+            with torch.no_grad():
+                diff = first(cc, noise[i : i + 1].expand(len(cands), *noise.shape[1:]).contiguous()).eps_diff()
+                scores.append(image_magnitude(diff, m).tolist())
+            chosen_conds.append(cc)
+        search = choose_candidates(scores, s.l_target_ss)
+        triggered = search.triggered
+        picked = []
+        for i, k in enumerate(search.chosen):
+            initial[i], final[i] = scores[i][0], scores[i][k]
+            used[i] = ([jobs[i].prompt, *jobs[i].captions])[k]
+            extra[i]["candidate_magnitudes"] = scores[i]
+            picked.append(chosen_conds[i].rows([k]))
+        mod = Conditioning.cat(picked)
+        if s.l_target_pr is not None and any(triggered):
+            pr = (s.l_target_pr, s.mag_thres_pr)
+    elif s.method in baselines.TEXT_BASELINES or s.method == "gni":
+        with torch.no_grad():
+            d0 = image_magnitude(first(cond, noise).eps_diff()).tolist()
+        initial = d0
+        triggered = [True] * n
+        if s.method == "gni":
+            mod = cond.with_embeds(baselines.gaussian_noise(cond.embeds, s.noise_lambda, seeds))
+        else:
+            used = [baselines.augment_prompt(s.method, p, seed, pipe.tokenizer, s.repeat) for p, seed in zip(prompts, seeds)]
+            mod = encode(pipe, used)
+
+    hit = [i for i in range(n) if triggered[i]]
+    # Untriggered rows keep their original inputs exactly, even where the method re-encoded them.
+    mod = _merge_rows(cond, mod, hit)
+    if pr is not None and 0 < len(hit) < n and not base_full:
+        base = _generate(pipe, probe, cond, noise, prompts, s.steps, s)
+        base_full = True
+
+    images: list[Any] = [None] * n
+    records: list[Any] = [None] * n
+    reanchored = [0] * n
+    if base is not None and base_full:
+        todo = hit
+        for i in range(n):
+            if not triggered[i]:
+                images[i], records[i] = base[0][i], base[1][i]
+    else:
+        todo = list(range(n))
+    if todo:
+        sub = mod.rows(todo)
+        sub_prompts = [used[i] for i in todo]
+        if pr is not None:
+            sub_masks = None if masks is None else masks[todo]
+            hooks = PromptReanchor(pipe, cond.rows(todo), pr[0], pr[1], masks=sub_masks,
+                                   active=[triggered[i] for i in todo])
+            imgs, recs = _generate(pipe, probe, sub, noise[todo], sub_prompts, s.steps, s, reanchor=hooks)
+            for j, i in enumerate(todo):
+                reanchored[i] = hooks.reanchored_steps[j]
+        else:
+            imgs, recs = _generate(pipe, probe, sub, noise[todo], sub_prompts, s.steps, s)
+        for j, i in enumerate(todo):
+            images[i], records[i] = imgs[j], recs[j]
+
+    outcomes = []
+    for i in range(n):
+        rec = records[i]
+        if initial[i] is None:  # method "none": the generation's own first-step D
+            initial[i] = float(rec.magnitude[0])
+        if final[i] is None:
+            final[i] = float(rec.magnitude[0]) if s.method not in MASKED else float(rec.masked_magnitude[0])
+        keep_base = base is not None and base_full and triggered[i]
+        outcomes.append(Outcome(
+            image=images[i], record=rec, triggered=bool(triggered[i]), used_prompt=used[i],
+            initial_magnitude=float(initial[i]), final_magnitude=float(final[i]), iterations=int(iterations[i]),
+            reanchored_steps=int(reanchored[i]),
+            unmitigated_image=base[0][i] if keep_base else None,
+            unmitigated_record=base[1][i] if keep_base else None,
+            extra=extra[i],
+        ))
+    return outcomes
+
+
+def image_array(image) -> np.ndarray:
+    """PIL image -> float32 (H, W, 3) in [0, 1]."""
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

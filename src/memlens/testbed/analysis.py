@@ -1,0 +1,132 @@
+"""Which token and which layer carry the bright-ending signal in the organism (for docs/organism.md).
+
+The probe reads one token (the end token) from one block. This analysis keeps the full last-step cross-attention
+(all tokens) of every cross-attention block, so the end token can be compared with BOS, the mean over the prompt's
+words and the padding EOS tokens, and down_blocks.0 with down_blocks.1 and the others.
+
+Run: python -m memlens.testbed.analysis MODEL_DIR OUT_JSON [--per-prompt N]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from memlens.testbed.evaluation import _items_by_group, prompt_set, score_generation
+
+
+class _FullAttention:
+    """Wraps a cross-attention processor; at the flagged step stores head-mean probabilities (B, Q, T)."""
+
+    def __init__(self, name, original, store, flag):
+        self.name, self.original, self.store, self.flag = name, original, store, flag
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        if self.flag["on"] and encoder_hidden_states is not None:
+            with torch.no_grad():
+                q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+                k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+                probs = attn.get_attention_scores(q, k, None)
+                b = hidden_states.shape[0]
+                probs = probs.view(b, attn.heads, *probs.shape[1:]).mean(1)
+                self.store[self.name].append(probs[b // 2 :].float().cpu())  # conditional half of the CFG batch
+        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **kw)
+
+
+def last_step_attention(pipe, prompts, per_prompt, steps, guidance, seed):
+    """Images and, per block name, last-step attention (N, h, w, T) averaged over the block's layers."""
+    store, flag = defaultdict(list), {"on": False}
+    originals = {}
+    for name, mod in pipe.unet.named_modules():
+        if getattr(mod, "is_cross_attention", False) and hasattr(mod, "set_processor"):
+            originals[name] = mod.processor
+            mod.set_processor(_FullAttention(name, mod.processor, store, flag))
+
+    def pre(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        flag["on"] = float(t) == float(pipe.scheduler.timesteps[-1])
+
+    hook = pipe.unet.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        out = pipe(prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(seed))
+    finally:
+        hook.remove()
+        for name, mod in pipe.unet.named_modules():
+            if name in originals:
+                mod.set_processor(originals[name])
+    blocks = defaultdict(list)
+    for name, probs in store.items():
+        block = ".".join(name.split(".")[:2])  # e.g. down_blocks.0
+        blocks[block].append(probs[-1])
+    maps = {}
+    for block, arrs in blocks.items():
+        p = torch.stack(arrs).mean(0)  # (N, Q, T)
+        side = int(round(p.shape[1] ** 0.5))
+        maps[block] = p.view(p.shape[0], side, side, p.shape[2]).numpy()
+    return out.images, maps
+
+
+def token_maps(att: np.ndarray, eos: int) -> dict[str, np.ndarray]:
+    """(h, w, T) attention of one image -> named (h, w) maps."""
+    return {"END": att[..., eos], "BOS": att[..., 0], "word_mean": att[..., 1:eos].mean(-1),
+            "pad_EOS": att[..., eos + 1 :].mean(-1) if eos + 1 < att.shape[-1] else att[..., eos]}
+
+
+def analyse(model_dir, per_prompt=4, steps=50, guidance=None, seed=0) -> dict:
+    from memlens.testbed.evaluation import detection, localization
+    from memlens.testbed.pipeline import load_pipeline, tokenize
+
+    pipe = load_pipeline(model_dir)
+    guidance = guidance if guidance is not None else pipe.config.default_guidance_scale
+    items = _items_by_group()
+    prompts = prompt_set()
+    texts = [p.text for p in prompts]
+    images, maps = last_step_attention(pipe, texts, per_prompt, steps, guidance, seed)
+    ids = tokenize(pipe.tokenizer, texts)
+    eos = [int((row == pipe.tokenizer.eos_token_id).nonzero()[0]) for row in ids]
+    gens = []
+    for i, img in enumerate(images):
+        p = prompts[i // per_prompt]
+        gens.append({"p": p, "eos": eos[i // per_prompt], **score_generation(np.asarray(img), p.kind, p.group, items)})
+    result = {"guidance": guidance, "steps": steps, "per_prompt": per_prompt,
+              "reproduce": {k: float(np.mean([g["reproduces_own"] for g in gens if g["p"].kind == k]))
+                            for k in ("global", "local")},
+              "novel": float(np.mean([g.get("novel", False) for g in gens if g["p"].kind == "generic"])),
+              "per_group_corr": {grp: float(np.mean([g["own_corr"] for g in gens if g["p"].group == grp]))
+                                 for grp in items},
+              "blocks": {}}
+    for block, att in maps.items():
+        res = {}
+        for tok in ("END", "BOS", "word_mean", "pad_EOS"):
+            tm = [token_maps(att[i], g["eos"])[tok] for i, g in enumerate(gens)]
+            loc_idx = [i for i, g in enumerate(gens) if g["p"].kind == "local" and g["reproduces_own"]]
+            loc = localization([tm[i] for i in loc_idx], [items[gens[i]["p"].group]["mask"] for i in loc_idx])
+            mean = {k: float(np.mean([tm[i].mean() for i, g in enumerate(gens) if g["p"].kind == k]))
+                    for k in ("global", "local", "generic")}
+            det = {k: detection([tm[i].mean() for i, g in enumerate(gens) if g["p"].kind == k],
+                                [tm[i].mean() for i, g in enumerate(gens) if g["p"].kind == "generic"])["auc"]
+                   for k in ("global", "local")}
+            res[tok] = {"pixel_auroc": loc["pixel_auroc"], "iou": loc["iou"], "n": loc["n"], "mean_attention": mean,
+                        "mean_attention_auc": det}
+        result["blocks"][block] = res
+    return result
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    per = int(args[args.index("--per-prompt") + 1]) if "--per-prompt" in args else 4
+    g = float(args[args.index("--guidance") + 1]) if "--guidance" in args else None
+    torch.set_num_threads(1)
+    r = analyse(args[0], per_prompt=per, guidance=g)
+    with open(args[1], "w") as f:
+        json.dump(r, f, indent=1)
+    print(json.dumps({k: v for k, v in r.items() if k != "blocks"}, indent=1))
+    for block, res in r["blocks"].items():
+        print(block, {t: (None if v["pixel_auroc"] is None else round(v["pixel_auroc"], 3)) for t, v in res.items()},
+              "END mean", {k: round(x, 4) for k, x in res["END"]["mean_attention"].items()})

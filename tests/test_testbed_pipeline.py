@@ -1,0 +1,63 @@
+"""The organism pipeline: stock-diffusers compatible, round-trips through save/from_pretrained, ships offline."""
+
+import numpy as np
+import pytest
+import torch
+
+from memlens.testbed.pipeline import OrganismPipeline, build_pipeline, build_tokenizer, load_pipeline, tokenize
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = build_tokenizer(["a red circle on blue", "tabby cat staring"], max_length=8)
+    torch.manual_seed(0)
+    return build_pipeline(tok, text_width=32, text_layers=1, unet_channels=(8, 16, 16), unet_heads=2)
+
+
+def test_tokenizer_ids_like_sd1(tiny):
+    tok = tiny.tokenizer
+    ids = tokenize(tok, ["Tabby cat, staring!"])[0].tolist()
+    words = [tok.convert_ids_to_tokens(i) for i in ids[1:4]]
+    assert ids[0] == tok.bos_token_id and words == ["tabby", "cat", "staring"]
+    assert ids[4:] == [tok.eos_token_id] * (tok.model_max_length - 4)
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_round_trip_and_stock_loader(tiny, tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    tiny.save_pretrained(tmp_path)
+    again = load_pipeline(tmp_path)
+    assert isinstance(again, OrganismPipeline) and again.vae_scale_factor == 2
+    for a, b in zip(tiny.unet.state_dict().values(), again.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    stock = DiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
+    assert type(stock) is StableDiffusionPipeline
+    gen = torch.Generator().manual_seed(0)
+    out = stock(["tabby cat staring"], num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0,
+                generator=gen, height=32, width=32)
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+
+
+def test_vae_is_lossless(tiny):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = tiny.vae.encode(x).latent_dist.sample()
+    assert z.shape == (2, 12, 16, 16)
+    assert torch.equal(tiny.vae.decode(z).sample, x)
+
+
+def test_shipped_organism_loads_offline_and_probe_attaches():
+    from memlens import BrightEndingProbe
+    from memlens.testbed.data import ITEMS
+
+    pipe = load_pipeline()
+    assert pipe.safety_checker is None
+    assert pipe.config.default_guidance_scale > 1
+    with BrightEndingProbe(pipe) as probe:
+        out = pipe([ITEMS[0].prompt, "a red circle"], num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == len(probe.records) == 2
+    rec = probe.records[0]
+    latent = pipe.unet.config.sample_size
+    assert rec.be_map.shape == (latent, latent) and np.isfinite(rec.be_map).all()
+    assert rec.eos_index == len(ITEMS[0].prompt.split()) + 1
+    assert rec.magnitude.shape == (3,)
