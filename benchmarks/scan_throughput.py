@@ -124,7 +124,13 @@ def rss_child(args) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is KiB on Linux, bytes on macOS.
     unit = 1024 * 1024 if sys.platform == "darwin" else 1024
-    print(json.dumps({"generations": args.rss_child, "peak_mib": peak / unit, "after_load_mib": before / unit}))
+    result = {"generations": args.rss_child, "peak_mib": peak / unit, "after_load_mib": before / unit}
+    try:  # the resident size now, which shows growth even while it stays under the load-time peak
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        result["end_mib"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        pass
+    print(json.dumps(result))
 
 
 def rss(args, counts: tuple[int, int]) -> dict:
@@ -140,6 +146,7 @@ def rss(args, counts: tuple[int, int]) -> dict:
     print(
         f"peak RSS: {a['peak_mib']:.0f} MiB at {counts[0]} generations, {b['peak_mib']:.0f} MiB at {counts[1]} "
         f"(+{b['peak_mib'] - a['peak_mib']:.0f} MiB; after model load {a['after_load_mib']:.0f} MiB)"
+        + (f"; resident at the end {a['end_mib']:.0f} vs {b['end_mib']:.0f} MiB" if "end_mib" in a else "")
     )
     return {str(k): v for k, v in out.items()}
 

@@ -70,7 +70,7 @@ def test_baselines_generate_deterministically(sd1, method):
 def test_mitigate_writes_scan_layout_and_resumes(sd1, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a cat", "caption1": "a kitten", "label": 1}\n{"prompt": "hello"}\n')
-    s = Settings(method="prss", steps=2, guidance=3.0, l_target_ss=0.0, l_target_pr=0.0, mag_thres_pr=1.0)
+    s = Settings(method="prss-be", steps=2, guidance=3.0, l_target_ss=0.0, l_target_pr=0.0, mag_thres_pr=1.0)
     out = run_mitigation(sd1, str(prompts), tmp_path / "out", s, num_images=2, batch_size=3, progress=False)
     lines = [json.loads(l) for l in (out / "generations.jsonl").read_text().splitlines()]
     assert [(l["prompt_index"], l["image_index"], l["seed"]) for l in lines] == [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)]
@@ -82,7 +82,7 @@ def test_mitigate_writes_scan_layout_and_resumes(sd1, tmp_path):
             assert (out / l[key]).is_file()
     assert lines[0]["label"] == 1 and lines[0]["used_prompt"] in ("a cat", "a kitten")
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "complete" and run["settings"]["mitigation"]["method"] == "prss"
+    assert run["status"] == "complete" and run["settings"]["mitigation"]["method"] == "prss-be"
     before = (out / "generations.jsonl").read_bytes()
     run_mitigation(sd1, str(prompts), tmp_path / "out", s, num_images=2, batch_size=3, progress=False)
     assert (out / "generations.jsonl").read_bytes() == before  # nothing left to do

@@ -150,3 +150,15 @@ def test_prss_sdxl_runs_with_pooled_embeddings():
     outs = mitigate_batch(pipe, jobs, Settings(method="prss", steps=STEPS, guidance=G, height=H, width=H,
                                                l_target_ss=0.0, l_target_pr=0.0, mag_thres_pr=1.0))
     assert all(o.triggered and o.reanchored_steps == STEPS for o in outs)
+
+
+def test_search_decision_independent_of_batch(sd1):
+    caps = ("a b", "c d e")
+    s = Settings(method="prss", steps=STEPS, guidance=G, height=H, width=H, l_target_ss=1e9, l_target_pr=None)
+    alone = mitigate_batch(sd1, [Job(PROMPTS[1], SEEDS[1], caps)], s)[0]
+    scores = alone.extra["candidate_magnitudes"]
+    s.l_target_ss = float(np.sort(scores)[:2].mean())  # between the two lowest candidates
+    alone = mitigate_batch(sd1, [Job(PROMPTS[1], SEEDS[1], caps)], s)[0]
+    batch = mitigate_batch(sd1, [Job(p, sd, caps) for p, sd in zip(PROMPTS, SEEDS)], s)[1]
+    assert (alone.triggered, alone.used_prompt) == (batch.triggered, batch.used_prompt)
+    np.testing.assert_allclose(alone.extra["candidate_magnitudes"], batch.extra["candidate_magnitudes"], rtol=1e-5)

@@ -54,6 +54,7 @@ def test_file_instead_of_folder(tmp_path):
         load_pipeline(str(tmp_path / "weights.safetensors"))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_hub_id_offline_is_one_clear_error(monkeypatch):
     from huggingface_hub import constants
 

@@ -166,9 +166,10 @@ def test_torn_tail_dropped_and_rest_resumed(reference, pipe, prompt_file, tmp_pa
     assert_same_records(read(out), read(reference), rtol=1e-4)
     assert run_json(out)["status"] == "complete" and run_json(out)["runs"] == 2
 
-    CountingProbe.calls = 0  # a complete scan reruns as a no-op
+    CountingProbe.calls = 0  # a complete scan reruns as a no-op that touches nothing
+    before = {p: p.read_bytes() for p in (out / "run.json", out / "generations.jsonl")}
     run_scan(pipe, prompt_file, out, num_images=2, batch_size=4, progress=False, probe_factory=CountingProbe, **FAST)
-    assert CountingProbe.calls == 0 and len(read(out)) == 6
+    assert CountingProbe.calls == 0 and all(p.read_bytes() == b for p, b in before.items())
 
 
 @pytest.mark.parametrize(
@@ -353,3 +354,23 @@ def test_pipeline_refusal_is_an_input_error(pipe, prompt_file, tmp_path):
     with pytest.raises(InputError, match="the pipeline refused these settings: .*divisible"):
         run_scan(pipe, prompt_file, tmp_path / "scan", height=36, width=36, progress=False, **FAST)
     assert run_json(tmp_path / "scan")["status"] == "running"  # never "complete"
+
+
+def test_steps_and_guidance_default_to_what_the_pipeline_recommends(prompt_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    class Recommending(StableDiffusionPipeline):  # declares its sampling settings in its config, as the organism does
+        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                     image_encoder=None, requires_safety_checker=False, default_num_inference_steps: int = 2,
+                     default_guidance_scale: float = 3.0):
+            super().__init__(vae, text_encoder, tokenizer, unet, scheduler, None, None, None, False)
+            self.register_to_config(
+                default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
+            )
+
+    pipe = Recommending(**tiny_pipeline("sd1").components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = run_scan(pipe, prompt_file, tmp_path / "scan", progress=False)
+    settings = run_json(out)["settings"]
+    assert (settings["steps"], settings["guidance"]) == (2, 3.0)
+    assert all(len(r["D"]) == 2 for r in read(out))

@@ -5,6 +5,7 @@ Sub-commands live next to the code they drive and are mounted here, so this file
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -62,6 +63,9 @@ def _mount() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a `MemlensError` becomes one line on stderr and exit status 2."""
+    # transformers warns at import about optional image-processor backends memlens never uses; keep the terminal
+    # for what the user asked about. An explicit TRANSFORMERS_VERBOSITY still wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _mount()
     try:
         app(args=argv, standalone_mode=False)

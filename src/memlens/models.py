@@ -7,7 +7,6 @@ into one-line `InputError`s, and switches off what a measurement run must not ha
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +231,9 @@ def pipeline_facts(pipe) -> dict[str, Any]:
         "height": height,
         "width": width,
         "vae_scale_factor": scale,
+        # Pipelines that recommend their own sampling settings (the organism does) say so in their config.
+        "default_steps": getattr(getattr(pipe, "config", None), "default_num_inference_steps", None),
+        "default_guidance": getattr(getattr(pipe, "config", None), "default_guidance_scale", None),
         "scheduler": type(pipe.scheduler).__name__,
         "prediction_type": getattr(pipe.scheduler.config, "prediction_type", None),
         "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,

@@ -126,7 +126,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises its own zoo of errors for damaged files
         raise InputError(f"{path}: not a readable parquet file ({err})") from None
-    for number, row in enumerate(table.to_pylist()):
+    for number, row in enumerate(table.to_pylist(), start=1):
         yield f"{path} row {number}", row
 
 

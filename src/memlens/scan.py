@@ -8,9 +8,11 @@ logs at the end. Durability rules live in `memlens.scanstore`.
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, Sequence
@@ -25,6 +27,7 @@ from memlens.prompts import PUBLIC_SETS, PromptRecord, load_prompts, load_public
 __all__ = ["run_scan", "scan_command", "image_seed", "ScanItem"]
 
 IMAGES, MAPS, OVERLAYS = "images", "be_maps", "overlays"
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5  # Stable Diffusion's usual settings, for pipelines that recommend none
 FORMAT = 1  # bump when generations.jsonl or run.json change shape
 
 # run.json setting -> the option a person would change; only settings that change what is generated are compared.
@@ -86,6 +89,12 @@ def _prompts_digest(records: Sequence[PromptRecord]) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
+def _check_guidance(guidance: Optional[float]) -> None:
+    if guidance is not None and guidance <= 1:
+        # At guidance <= 1 diffusers skips the unconditional pass, and D/LD compare exactly those two predictions.
+        raise InputError(f"--guidance must be above 1 for a scan (D and LD need classifier-free guidance), got {guidance}")
+
+
 def _check_positive(**values: Optional[int]) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
@@ -113,7 +122,7 @@ def _settings_mismatch(old: dict, new: dict) -> Optional[str]:
     return None
 
 
-# --- the probe and overlays, with fallbacks while those modules are young -------------------------------------------
+# --- the probe ------------------------------------------------------------------------------------------------------
 
 
 def _default_probe_factory(pipe, **options):
@@ -122,34 +131,10 @@ def _default_probe_factory(pipe, **options):
     return BrightEndingProbe(pipe, **options)
 
 
-def _overlay(image, be_map: np.ndarray):
-    try:
-        from memlens.maps import overlay
-    except ImportError:
-        return _plain_overlay(image, be_map)
-    return overlay(image, be_map)
-
-
-def _plain_overlay(image, be_map: np.ndarray):
-    # Used only when memlens.maps is absent: red where the map is bright, blended over the image.
-    from PIL import Image
-
-    m = np.asarray(be_map, dtype=np.float32)
-    lo, hi = float(m.min()), float(m.max())
-    m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    heat = Image.fromarray((m * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
-    a = np.asarray(heat, dtype=np.float32)[..., None] / 255.0
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
-    return Image.fromarray((base * (1 - 0.6 * a) + red * 0.6 * a).clip(0, 255).astype(np.uint8))
-
-
 # --- the run --------------------------------------------------------------------------------------------------------
 
 
 def _partial_state():
-    import os
-
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -166,8 +151,12 @@ def _pick_device(device: Optional[str], state) -> str:
 
     if device in (None, "auto"):
         return str(state.device)
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, ValueError):
+        return device  # load_pipeline words the error
     # Under `accelerate launch` each process owns one accelerator; "cuda" means "mine", not cuda:0 for all.
-    if state.num_processes > 1 and torch.device(device).type == state.device.type and torch.device(device).index is None:
+    if state.num_processes > 1 and wanted.type == state.device.type and wanted.index is None:
         return str(state.device)
     return device
 
@@ -178,8 +167,8 @@ def run_scan(
     out_dir: Any,
     *,
     num_images: int = 1,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: Optional[int] = None,
+    guidance: Optional[float] = None,
     seed: int = 0,
     batch_size: int = 4,
     height: Optional[int] = None,
@@ -193,15 +182,15 @@ def run_scan(
 ) -> Path:
     """Scan `prompts` with a pipeline (or a MODEL string for `memlens.models.load_pipeline`) into `out_dir`.
 
+    `steps` / `guidance` default to the pipeline's recommended values when its config declares them
+    (`default_num_inference_steps`, `default_guidance_scale`, as the organism does), else to 50 / 7.5.
     Resumes an interrupted scan of the same settings; refuses a folder holding a scan of other settings.
     Returns the output folder.
     """
     from memlens.models import load_pipeline, model_identity, pipeline_facts
 
     _check_positive(num_images=num_images, steps=steps, batch_size=batch_size, height=height, width=width)
-    if guidance <= 1:
-        # At guidance <= 1 diffusers skips the unconditional pass, and D/LD compare exactly those two predictions.
-        raise InputError(f"--guidance must be above 1 for a scan (D and LD need classifier-free guidance), got {guidance}")
+    _check_guidance(guidance)
     records = resolve_prompts(prompts)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -217,6 +206,9 @@ def run_scan(
     facts = pipeline_facts(pipe)
     height = height or facts["height"]
     width = width or facts["width"]
+    steps = steps or facts["default_steps"] or DEFAULT_STEPS
+    guidance = guidance if guidance is not None else facts["default_guidance"] or DEFAULT_GUIDANCE
+    _check_guidance(guidance)
     if not height or not width:
         raise InputError("this pipeline has no default image size; pass --height and --width")
 
@@ -260,6 +252,8 @@ def run_scan(
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
         mine = batches[state.process_index :: state.num_processes]
         state.wait_for_everyone()
+        if not todo and (previous or {}).get("status") == "complete" and len(scanstore.log_paths(out)) == 1:
+            return out  # a finished scan run again: leave every file as it is
 
         for sub in (IMAGES, MAPS, OVERLAYS):
             (out / sub).mkdir(parents=True, exist_ok=True)
@@ -279,10 +273,11 @@ def run_scan(
             )
 
         factory = probe_factory or _default_probe_factory
-        with factory(pipe, **(probe_options or {})) as probe:
+        writers = max(1, min(batch_size, (os.cpu_count() or 1) // state.num_processes))
+        with factory(pipe, **(probe_options or {})) as probe, ThreadPoolExecutor(writers) as pool:
             bar = _progress_bar(sum(len(b) for b in mine), progress and state.is_main_process, state.num_processes)
             for batch in mine:
-                log.append(_run_batch(pipe, probe, batch, records, out, steps, guidance, height, width))
+                log.append(_run_batch(pipe, probe, pool, batch, records, out, steps, guidance, height, width))
                 bar.update(len(batch))
             bar.close()
 
@@ -308,7 +303,7 @@ def _progress_bar(total: int, enabled: bool, processes: int):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
-def _run_batch(pipe, probe, batch, records, out: Path, steps, guidance, height, width) -> list[dict]:
+def _run_batch(pipe, probe, pool, batch, records, out: Path, steps, guidance, height, width) -> list[dict]:
     import torch
 
     # CPU generators: the same seed gives the same starting noise on any device.
@@ -324,7 +319,10 @@ def _run_batch(pipe, probe, batch, records, out: Path, steps, guidance, height, 
             height=height,
             width=width,
         )
-    except ValueError as err:  # diffusers' check_inputs: sizes not divisible, prompts too long for the model, ...
+    except ValueError as err:
+        if not _raised_in(err, "check_inputs"):
+            raise  # a fault in the model or the probe, not in the settings: keep the traceback
+        # diffusers' own validation: sizes not divisible by the VAE factor and the like.
         lines = str(err).strip().splitlines() or [type(err).__name__]
         raise InputError(f"the pipeline refused these settings: {lines[0]}") from err
     images = result.images
@@ -332,29 +330,42 @@ def _run_batch(pipe, probe, batch, records, out: Path, steps, guidance, height, 
     if len(measured) != len(batch) or len(images) != len(batch):
         raise RuntimeError(f"probe gave {len(measured)} records and the pipeline {len(images)} images for {len(batch)}")
 
-    lines = []
-    for it, image, rec in zip(batch, images, measured):
-        src = records[it.prompt_index]
-        be_map = np.asarray(rec.be_map, dtype=np.float32)
-        paths = {k: f"{sub}/{it.stem}.{ext}" for k, sub, ext in (("image", IMAGES, "png"), ("be_map", MAPS, "npy"), ("overlay", OVERLAYS, "png"))}
-        image.save(out / paths["image"])
-        np.save(out / paths["be_map"], be_map)
-        _overlay(image, be_map).save(out / paths["overlay"])
-        line = {
-            "prompt_index": it.prompt_index,
-            "prompt": src.prompt,
-            "image_index": it.image_index,
-            "seed": it.seed,
-            **paths,
-            "D": np.asarray(rec.magnitude, dtype=np.float32).tolist(),
-            "LD": np.asarray(rec.masked_magnitude, dtype=np.float32).tolist(),
-            "eos_index": int(rec.eos_index),
-        }
-        for field in ("label", "type", "index"):
-            if getattr(src, field) is not None:
-                line[field] = getattr(src, field)
-        lines.append(line)
-    return lines
+    # PNG encoding (zlib) releases the GIL, so a batch's files are written side by side; the batch's lines are only
+    # built and appended after every file is on disk.
+    return list(pool.map(lambda args: _save_one(out, records[args[0].prompt_index], *args), zip(batch, images, measured)))
+
+
+def _raised_in(err: BaseException, function: str) -> bool:
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _save_one(out: Path, src: PromptRecord, it: ScanItem, image, rec) -> dict:
+    from memlens.maps import overlay
+
+    be_map = np.asarray(rec.be_map, dtype=np.float32)
+    paths = {"image": f"{IMAGES}/{it.stem}.png", "be_map": f"{MAPS}/{it.stem}.npy", "overlay": f"{OVERLAYS}/{it.stem}.png"}
+    image.save(out / paths["image"])
+    np.save(out / paths["be_map"], be_map)
+    overlay(image, be_map).save(out / paths["overlay"])
+    line = {
+        "prompt_index": it.prompt_index,
+        "prompt": src.prompt,
+        "image_index": it.image_index,
+        "seed": it.seed,
+        **paths,
+        "D": np.asarray(rec.magnitude, dtype=np.float32).tolist(),
+        "LD": np.asarray(rec.masked_magnitude, dtype=np.float32).tolist(),
+        "eos_index": int(rec.eos_index),
+    }
+    for field in ("label", "type", "index"):
+        if getattr(src, field) is not None:
+            line[field] = getattr(src, field)
+    return line
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
@@ -367,8 +378,13 @@ def scan_command(
     ],
     out: Annotated[Path, typer.Option("--out", help="Output folder; rerun the same command to resume.")],
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 1,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 50,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", min=1, help="Denoising steps. Default: the pipeline's recommended, else 50.")
+    ] = None,
+    guidance: Annotated[
+        Optional[float],
+        typer.Option("--guidance", help="Classifier-free guidance scale (> 1). Default: the pipeline's recommended, else 7.5."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Base seed; image k of prompt p uses seed + p*num_images + k.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 4,
     height: Annotated[Optional[int], typer.Option("--height", min=8, help="Default: the pipeline's native size.")] = None,

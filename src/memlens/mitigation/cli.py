@@ -1,7 +1,7 @@
 """`memlens mitigate`: generate a prompt file with one mitigation method and record, per image, what it changed.
 
 The output folder has the scan's layout (`generations.jsonl`, `run.json`, `images/`, `be_maps/`, `overlays/`; one line
-per image with the scan's keys), written with the scan's durable log (`memlens.scanstore`), so every scan reader works
+per image with the scan's keys), written with the scan's per-image writer and durable log (`memlens.scanstore`), so every scan reader works
 on it. Each line adds `method`, `triggered`, `initial_magnitude`, `final_magnitude`, `iterations`, `used_prompt`, and
 where they apply `reanchored_steps`, `candidate_magnitudes` and `unmitigated_image` (the unmitigated generation of a
 triggered image, when the method made one). Seeds are the scan's: image k of prompt p uses seed + p*num_images + k,
@@ -25,7 +25,7 @@ from memlens.mitigation.runner import METHODS, Job, Settings, mitigate_batch
 
 __all__ = ["run_mitigation", "mitigate_command"]
 
-IMAGES, MAPS, OVERLAYS, UNMITIGATED = "images", "be_maps", "overlays", "unmitigated"
+UNMITIGATED = "unmitigated"
 FORMAT = 1
 
 # Settings that change which images come out; a resume must match them all.
@@ -114,6 +114,8 @@ def run_mitigation(
     items = [ScanItem(p, i, image_seed(seed, p, i, num_images)) for p in range(len(records)) for i in range(num_images)]
     done = scanstore.done_keys(out)
     todo = [it for it in items if it.key not in done]
+    from memlens.scan import IMAGES, MAPS, OVERLAYS
+
     for sub in (IMAGES, MAPS, OVERLAYS, UNMITIGATED):
         (out / sub).mkdir(parents=True, exist_ok=True)
     scanstore.write_run_json(out, {
@@ -146,31 +148,19 @@ def _now() -> str:
 
 
 def _write(out: Path, item, src, o, method: str) -> dict:
-    from memlens.maps import overlay, save_npy, save_png
+    # The scan's own writer gives the image, map and overlay files and every scan key; mitigation adds its own.
+    from memlens.maps import save_png
+    from memlens.scan import _save_one
 
-    rec = o.record
-    be_map = np.asarray(rec.be_map, dtype=np.float32)
-    paths = {"image": f"{IMAGES}/{item.stem}.png", "be_map": f"{MAPS}/{item.stem}.npy",
-             "overlay": f"{OVERLAYS}/{item.stem}.png"}
-    save_png(o.image, out / paths["image"])
-    save_npy(be_map, out / paths["be_map"])
-    save_png(overlay(o.image, be_map), out / paths["overlay"])
-    line = {
-        "prompt_index": item.prompt_index,
-        "prompt": src.prompt,
-        "image_index": item.image_index,
-        "seed": item.seed,
-        **paths,
-        "D": np.asarray(rec.magnitude, dtype=np.float32).tolist(),
-        "LD": np.asarray(rec.masked_magnitude, dtype=np.float32).tolist(),
-        "eos_index": int(rec.eos_index),
+    line = _save_one(out, src, item, o.image, o.record)
+    line.update({
         "method": method,
         "triggered": o.triggered,
         "initial_magnitude": o.initial_magnitude,
         "final_magnitude": o.final_magnitude,
         "iterations": o.iterations,
         "used_prompt": o.used_prompt,
-    }
+    })
     if method.startswith("prss"):
         line["reanchored_steps"] = o.reanchored_steps
         line["candidate_magnitudes"] = o.extra.get("candidate_magnitudes")
@@ -179,9 +169,6 @@ def _write(out: Path, item, src, o, method: str) -> dict:
         save_png(o.unmitigated_image, out / line["unmitigated_image"])
         line["unmitigated_D"] = np.asarray(o.unmitigated_record.magnitude, dtype=np.float32).tolist()
         line["unmitigated_LD"] = np.asarray(o.unmitigated_record.masked_magnitude, dtype=np.float32).tolist()
-    for field in ("label", "type", "index"):
-        if getattr(src, field) is not None:
-            line[field] = getattr(src, field)
     return line
 
 

@@ -20,7 +20,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from memlens.errors import InputError
@@ -131,124 +130,136 @@ def _latent_size(noise: torch.Tensor) -> tuple[int, int]:
     return noise.shape[-2], noise.shape[-1]
 
 
+@dataclass
+class _Decision:
+    """What a method decided for each image of a batch, before generation."""
+
+    triggered: list[bool]
+    used: list[str]  # prompt per image (the probe finds the end token in it)
+    mod: Conditioning  # conditioning to generate triggered images with
+    initial: list[float | None]
+    final: list[float | None]
+    iterations: list[int]
+    extra: list[dict]
+    reanchor: tuple[float, float] | None = None  # PR's (l, M) when PR is on
+
+
+def _undecided(prompts: list[str], cond: Conditioning) -> _Decision:
+    n = len(prompts)
+    return _Decision([False] * n, list(prompts), cond, [None] * n, [None] * n, [0] * n, [{} for _ in range(n)])
+
+
+def _decide_pe(first, cond, masks, s: Settings, d: _Decision) -> None:
+    res = optimize_embeddings(first(cond), cond.embeds, s.target, masks=masks, lr=s.lr, max_iters=s.max_iters)
+    d.triggered, d.initial, d.final, d.iterations = res.triggered, res.initial, res.final, res.iterations
+    d.mod = cond.with_embeds(res.embeds)
+
+
+def _decide_prss(pipe, first, jobs, noise, masks, s: Settings, d: _Decision) -> None:
+    # One first-step evaluation per image, its candidates batched, all from the image's own x_T.
+    scores, encoded = [], []
+    for i, job in enumerate(jobs):
+        cands = [job.prompt, *job.captions]
+        cc = encode(pipe, cands)
+        m = None if masks is None else masks[i : i + 1].expand(len(cands), *masks.shape[1:])
+        with torch.no_grad():
+            diff = first(cc, noise[i : i + 1].expand(len(cands), *noise.shape[1:]).contiguous()).eps_diff()
+            scores.append(image_magnitude(diff, m).tolist())
+        encoded.append(cc)
+    search = choose_candidates(scores, s.l_target_ss)
+    d.triggered = search.triggered
+    for i, k in enumerate(search.chosen):
+        d.initial[i], d.final[i] = scores[i][0], scores[i][k]
+        d.used[i] = [jobs[i].prompt, *jobs[i].captions][k]
+        d.extra[i]["candidate_magnitudes"] = scores[i]
+    d.mod = Conditioning.cat([cc.rows([k]) for cc, k in zip(encoded, search.chosen)])
+    if s.l_target_pr is not None and any(d.triggered):
+        d.reanchor = (s.l_target_pr, s.mag_thres_pr)
+
+
+def _decide_baseline(pipe, first, cond, prompts, seeds, s: Settings, d: _Decision) -> None:
+    with torch.no_grad():
+        d.initial = image_magnitude(first(cond).eps_diff()).tolist()  # for comparison only: no detector
+    d.triggered = [True] * len(prompts)
+    if s.method == "gni":
+        d.mod = cond.with_embeds(baselines.gaussian_noise(cond.embeds, s.noise_lambda, seeds))
+    else:
+        d.used = [baselines.augment_prompt(s.method, p, seed, pipe.tokenizer, s.repeat) for p, seed in zip(prompts, seeds)]
+        d.mod = encode(pipe, d.used)
+
+
 def mitigate_batch(pipe, jobs: Sequence[Job], s: Settings, probe_options: dict | None = None) -> list[Outcome]:
     """Run `s.method` for `jobs` as one batch; every generation is recorded by a `BrightEndingProbe(pipe,
-    **probe_options)`."""
-    probe = dict(probe_options or {})
-    n = len(jobs)
+    **probe_options)`. Returns one `Outcome` per job, in order."""
+    s.validate()
+    opts = dict(probe_options or {})
     s = _with_size(pipe, s)
+    n = len(jobs)
     prompts = [j.prompt for j in jobs]
     seeds = [j.seed for j in jobs]
     cond = encode(pipe, prompts)
     noise = draw_noise(pipe, seeds, s.height, s.width, dtype=cond.embeds.dtype)
-    first = lambda c, x: first_step(pipe, c, x, steps=s.steps, guidance=s.guidance, height=s.height, width=s.width)  # noqa: E731
+
+    def first(c: Conditioning, x: torch.Tensor = noise):
+        return first_step(pipe, c, x, steps=s.steps, guidance=s.guidance, height=s.height, width=s.width)
 
     base = None  # (images, records) of an unmitigated pass
-    base_full = False
+    base_full = False  # ... and whether it ran the full number of steps (then it IS the unmitigated generation)
     masks = None
     if s.method in MASKED:
         mask_steps = s.mask_steps or s.steps
-        base = _generate(pipe, probe, cond, noise, prompts, mask_steps, s)
+        base = _generate(pipe, opts, cond, noise, prompts, mask_steps, s)
         base_full = mask_steps == s.steps
         masks = mask_tensor([r.be_map for r in base[1]], _latent_size(noise), cond.embeds.device)
 
-    triggered = [False] * n
-    used = list(prompts)
-    initial: list[float | None] = [None] * n
-    final: list[float | None] = [None] * n
-    iterations = [0] * n
-    extra: list[dict] = [{} for _ in range(n)]
-    mod = cond
-    pr = None
-
+    d = _undecided(prompts, cond)
     if s.method in ("pe", "pe-be"):
-        res = optimize_embeddings(first(cond, noise), cond.embeds, s.target, masks=masks, lr=s.lr,
-                                  max_iters=s.max_iters)
-        triggered, initial, final, iterations = res.triggered, res.initial, res.final, res.iterations
-        mod = cond.with_embeds(res.embeds)
+        _decide_pe(first, cond, masks, s, d)
     elif s.method in ("prss", "prss-be"):
-        scores, chosen_conds = [], []
-        for i, job in enumerate(jobs):
-            cands = [job.prompt, *job.captions]
-            cc = encode(pipe, cands)
-            m = None if masks is None else masks[i : i + 1].expand(len(cands), *masks.shape[1:])
-            with torch.no_grad():
-                diff = first(cc, noise[i : i + 1].expand(len(cands), *noise.shape[1:]).contiguous()).eps_diff()
-                scores.append(image_magnitude(diff, m).tolist())
-            chosen_conds.append(cc)
-        search = choose_candidates(scores, s.l_target_ss)
-        triggered = search.triggered
-        picked = []
-        for i, k in enumerate(search.chosen):
-            initial[i], final[i] = scores[i][0], scores[i][k]
-            used[i] = ([jobs[i].prompt, *jobs[i].captions])[k]
-            extra[i]["candidate_magnitudes"] = scores[i]
-            picked.append(chosen_conds[i].rows([k]))
-        mod = Conditioning.cat(picked)
-        if s.l_target_pr is not None and any(triggered):
-            pr = (s.l_target_pr, s.mag_thres_pr)
-    elif s.method in baselines.TEXT_BASELINES or s.method == "gni":
-        with torch.no_grad():
-            d0 = image_magnitude(first(cond, noise).eps_diff()).tolist()
-        initial = d0
-        triggered = [True] * n
-        if s.method == "gni":
-            mod = cond.with_embeds(baselines.gaussian_noise(cond.embeds, s.noise_lambda, seeds))
-        else:
-            used = [baselines.augment_prompt(s.method, p, seed, pipe.tokenizer, s.repeat) for p, seed in zip(prompts, seeds)]
-            mod = encode(pipe, used)
+        _decide_prss(pipe, first, jobs, noise, masks, s, d)
+    elif s.method != "none":
+        _decide_baseline(pipe, first, cond, prompts, seeds, s, d)
 
-    hit = [i for i in range(n) if triggered[i]]
+    hit = [i for i in range(n) if d.triggered[i]]
     # Untriggered rows keep their original inputs exactly, even where the method re-encoded them.
-    mod = _merge_rows(cond, mod, hit)
-    if pr is not None and 0 < len(hit) < n and not base_full:
-        base = _generate(pipe, probe, cond, noise, prompts, s.steps, s)
+    mod = _merge_rows(cond, d.mod, hit)
+    if d.reanchor is not None and 0 < len(hit) < n and not base_full:
+        base = _generate(pipe, opts, cond, noise, prompts, s.steps, s)
         base_full = True
 
     images: list[Any] = [None] * n
     records: list[Any] = [None] * n
     reanchored = [0] * n
-    if base is not None and base_full:
-        todo = hit
+    todo = hit if base_full else list(range(n))
+    if base_full:
         for i in range(n):
-            if not triggered[i]:
+            if not d.triggered[i]:
                 images[i], records[i] = base[0][i], base[1][i]
-    else:
-        todo = list(range(n))
     if todo:
-        sub = mod.rows(todo)
-        sub_prompts = [used[i] for i in todo]
-        if pr is not None:
-            sub_masks = None if masks is None else masks[todo]
-            hooks = PromptReanchor(pipe, cond.rows(todo), pr[0], pr[1], masks=sub_masks,
-                                   active=[triggered[i] for i in todo])
-            imgs, recs = _generate(pipe, probe, sub, noise[todo], sub_prompts, s.steps, s, reanchor=hooks)
-            for j, i in enumerate(todo):
-                reanchored[i] = hooks.reanchored_steps[j]
-        else:
-            imgs, recs = _generate(pipe, probe, sub, noise[todo], sub_prompts, s.steps, s)
+        hooks = None
+        if d.reanchor is not None:
+            hooks = PromptReanchor(pipe, cond.rows(todo), *d.reanchor, masks=None if masks is None else masks[todo],
+                                   active=[d.triggered[i] for i in todo])
+        imgs, recs = _generate(pipe, opts, mod.rows(todo), noise[todo], [d.used[i] for i in todo], s.steps, s,
+                               reanchor=hooks)
         for j, i in enumerate(todo):
             images[i], records[i] = imgs[j], recs[j]
+            reanchored[i] = hooks.reanchored_steps[j] if hooks is not None else 0
 
     outcomes = []
     for i in range(n):
         rec = records[i]
-        if initial[i] is None:  # method "none": the generation's own first-step D
-            initial[i] = float(rec.magnitude[0])
-        if final[i] is None:
-            final[i] = float(rec.magnitude[0]) if s.method not in MASKED else float(rec.masked_magnitude[0])
-        keep_base = base is not None and base_full and triggered[i]
+        criterion = rec.masked_magnitude if s.method in MASKED else rec.magnitude
+        keep_base = base_full and d.triggered[i]
         outcomes.append(Outcome(
-            image=images[i], record=rec, triggered=bool(triggered[i]), used_prompt=used[i],
-            initial_magnitude=float(initial[i]), final_magnitude=float(final[i]), iterations=int(iterations[i]),
+            image=images[i], record=rec, triggered=bool(d.triggered[i]), used_prompt=d.used[i],
+            # Where the method measured nothing itself, the generation's own first-step value stands in.
+            initial_magnitude=float(d.initial[i] if d.initial[i] is not None else rec.magnitude[0]),
+            final_magnitude=float(d.final[i] if d.final[i] is not None else criterion[0]),
+            iterations=int(d.iterations[i]),
             reanchored_steps=int(reanchored[i]),
             unmitigated_image=base[0][i] if keep_base else None,
             unmitigated_record=base[1][i] if keep_base else None,
-            extra=extra[i],
+            extra=d.extra[i],
         ))
     return outcomes
-
-
-def image_array(image) -> np.ndarray:
-    """PIL image -> float32 (H, W, 3) in [0, 1]."""
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

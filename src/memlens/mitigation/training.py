@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from memlens import capture
 from memlens.errors import InputError
 
-__all__ = ["SampleMagnitudes", "sample_magnitudes", "filter_mask", "eos_positions", "CRITERIA"]
+__all__ = ["SampleMagnitudes", "sample_magnitudes", "filter_mask", "eos_positions", "TrainingFilter", "finetune", "CRITERIA"]
 
 CRITERIA = ("none", "D", "LD")
 
@@ -182,3 +182,125 @@ def filter_mask(
     mags = sample_magnitudes(unet, noisy, timesteps, cond, uncond, masked=criterion == "LD", **kwargs)
     value = mags.D if criterion == "D" else mags.LD
     return (value <= threshold).to(noisy.device)
+
+
+class TrainingFilter:
+    """The filter as a training loop calls it: `keep = f(unet, text_encoder, noisy, timesteps, cond, input_ids)`.
+
+    The empty prompt's embedding is recomputed at every call from the text encoder as it is now (it may be training
+    too), without gradients and in eval mode; end-token positions come from the batch's padded ids.
+    """
+
+    def __init__(self, criterion: str, threshold: float, empty_ids: torch.Tensor, eos_token_id: int,
+                 layers: Sequence[str] | str | None = None):
+        if criterion not in CRITERIA:
+            raise InputError(f"--filter {criterion!r}: expected one of {', '.join(CRITERIA)}")
+        self.criterion, self.threshold = criterion, float(threshold)
+        self.empty_ids = empty_ids.view(1, -1)
+        self.eos_token_id = eos_token_id
+        self.layers = layers
+
+    @torch.no_grad()
+    def __call__(self, unet, text_encoder, noisy, timesteps, cond, input_ids) -> torch.Tensor:
+        if self.criterion == "none":
+            return torch.ones(noisy.shape[0], dtype=torch.bool, device=noisy.device)
+        encoder = getattr(text_encoder, "module", text_encoder)
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            uncond = encoder(self.empty_ids.to(input_ids.device))[0]
+        finally:
+            encoder.train(was_training)
+        extra = {}
+        if self.criterion == "LD":
+            extra = {"eos_indices": eos_positions(input_ids, self.eos_token_id), "layers": self.layers}
+        return filter_mask(unet, noisy, timesteps, cond.detach(), uncond, self.threshold, self.criterion, **extra)
+
+
+def finetune(
+    pipeline_dir,
+    imagefolder_dir,
+    out_dir,
+    *,
+    steps: int = 1000,
+    batch_size: int = 4,
+    lr: float = 1e-5,
+    criterion: str = "none",
+    threshold: float = float("inf"),
+    resolution: int | None = None,
+    seed: int = 0,
+    log_every: int = 50,
+    device: str | None = None,
+):
+    """Fine-tune the UNet of a single-text-encoder diffusers pipeline (SD 1.x/2.x, the organism) on an imagefolder
+    dataset (`metadata.jsonl` with `file_name` and `text`), dropping samples the magnitude filter rejects.
+
+    Rejected samples are removed before the gradient forward pass (the reference computed the prediction for the
+    whole batch first), so filtering saves the cost of the samples it drops. A step whose every sample is dropped
+    changes nothing (no optimizer or EMA update). Writes the pipeline and `finetune_log.jsonl` to `out_dir`.
+    """
+    import json
+    import math
+    from pathlib import Path
+
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    from memlens.testbed.train import batch_indices, load_imagefolder
+
+    if steps < 0 or batch_size < 1:
+        raise InputError("steps must be >= 0 and batch_size >= 1")
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir))
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise InputError(f"{pipeline_dir}: two text encoders (SDXL); finetune supports single-encoder pipelines")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(dev)
+    unet, vae, text_encoder, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    res = resolution or unet.config.sample_size * pipe.vae_scale_factor
+    data = load_imagefolder(imagefolder_dir, res)
+    ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    keep_filter = TrainingFilter(criterion, threshold, empty, tok.eos_token_id)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    text_encoder.eval()
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    scale = getattr(vae.config, "scaling_factor", 1.0) or 1.0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "finetune_log.jsonl").open("a")
+    running, kept_total, seen_total = [], 0, 0
+    for step in range(steps):
+        idx = torch.from_numpy(batch_indices(len(ids), batch_size, step, seed))
+        x0 = data.images[idx].float().div(127.5).sub(1.0).to(dev)
+        batch_ids = ids[idx].to(dev)
+        with torch.no_grad():
+            latents = vae.encode(x0).latent_dist.sample() * scale
+            cond = text_encoder(batch_ids)[0]
+        noise = torch.randn(latents.shape, generator=gen).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(dev)
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        keep = keep_filter(unet, text_encoder, noisy, t, cond, batch_ids)
+        kept_total += int(keep.sum())
+        seen_total += int(keep.numel())
+        if keep.any():
+            pred = unet(noisy[keep], t[keep], encoder_hidden_states=cond[keep]).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), target[keep].float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            running.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log.write(json.dumps({"step": step + 1, "loss": float(sum(running) / len(running)) if running else math.nan,
+                                  "kept": kept_total, "seen": seen_total}) + "\n")
+            log.flush()
+            running, kept_total, seen_total = [], 0, 0
+    log.close()
+    unet.eval()
+    pipe.save_pretrained(str(out))
+    return out

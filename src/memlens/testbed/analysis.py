@@ -78,7 +78,23 @@ def token_maps(att: np.ndarray, eos: int) -> dict[str, np.ndarray]:
             "pad_EOS": att[..., eos + 1 :].mean(-1) if eos + 1 < att.shape[-1] else att[..., eos]}
 
 
-def analyse(model_dir, per_prompt=4, steps=50, guidance=None, seed=0) -> dict:
+def _save_grid(images, end_maps, per_prompt, path) -> None:
+    """One row per prompt: its images, then their down_blocks.0 END maps (each min-max scaled)."""
+    from PIL import Image
+
+    from memlens.maps import heatmap
+
+    n = len(images) // per_prompt
+    side = images[0].size[0]
+    sheet = Image.new("RGB", (2 * per_prompt * side, n * side))
+    for i, img in enumerate(images):
+        r, c = divmod(i, per_prompt)
+        sheet.paste(img, (c * side, r * side))
+        sheet.paste(heatmap(end_maps[i], (side, side)), ((per_prompt + c) * side, r * side))
+    sheet.resize((sheet.width * 3, sheet.height * 3), Image.NEAREST).save(path)
+
+
+def analyse(model_dir, per_prompt=4, steps=50, guidance=None, seed=0, grid=None) -> dict:
     from memlens.testbed.evaluation import detection, localization
     from memlens.testbed.pipeline import load_pipeline, tokenize
 
@@ -94,6 +110,9 @@ def analyse(model_dir, per_prompt=4, steps=50, guidance=None, seed=0) -> dict:
     for i, img in enumerate(images):
         p = prompts[i // per_prompt]
         gens.append({"p": p, "eos": eos[i // per_prompt], **score_generation(np.asarray(img), p.kind, p.group, items)})
+    if grid:
+        end = [token_maps(maps["down_blocks.0"][i], g["eos"])["END"] for i, g in enumerate(gens)]
+        _save_grid(images, end, per_prompt, grid)
     result = {"guidance": guidance, "steps": steps, "per_prompt": per_prompt,
               "reproduce": {k: float(np.mean([g["reproduces_own"] for g in gens if g["p"].kind == k]))
                             for k in ("global", "local")},
@@ -123,7 +142,7 @@ if __name__ == "__main__":
     per = int(args[args.index("--per-prompt") + 1]) if "--per-prompt" in args else 4
     g = float(args[args.index("--guidance") + 1]) if "--guidance" in args else None
     torch.set_num_threads(1)
-    r = analyse(args[0], per_prompt=per, guidance=g)
+    r = analyse(args[0], per_prompt=per, guidance=g, grid=args[1].replace(".json", ".png"))
     with open(args[1], "w") as f:
         json.dump(r, f, indent=1)
     print(json.dumps({k: v for k, v in r.items() if k != "blocks"}, indent=1))

@@ -42,7 +42,9 @@ def train_command(
     snr_gamma: float = typer.Option(5.0, "--snr-gamma", help="min-SNR-gamma weighting; 0 = plain MSE."),
     ema_decay: float = typer.Option(0.995, "--ema-decay"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
-    unet_channels: str = typer.Option("32,64,64", "--unet-channels"),
+    unet_channels: str = typer.Option("64,64,64", "--unet-channels"),
+    factor: int = typer.Option(4, "--factor", help="Pixel-unshuffle factor: the UNet runs at resolution/factor."),
+    unet_heads: int = typer.Option(4, "--unet-heads", help="Attention heads per UNet attention layer."),
     text_width: int = typer.Option(128, "--text-width"),
     text_layers: int = typer.Option(3, "--text-layers"),
     threads: int = typer.Option(1, "--threads", help="torch threads; 1 is most robust on a shared machine."),
@@ -62,6 +64,7 @@ def train_command(
         caption_dropout=caption_dropout,
         dropout_kinds=[k.strip() for k in dropout_kinds.split(",")] if dropout_kinds else None,
         snr_gamma=snr_gamma, ema_decay=ema_decay, checkpoint_every=checkpoint_every, unet_channels=channels,
+        unet_heads=unet_heads, factor=factor,
         text_width=text_width, text_layers=text_layers, threads=threads,
     )
     path = train(data, out, config, resume=resume, progress=progress)

@@ -65,12 +65,13 @@ GLOBAL_ITEMS = (
     MemorizedItem("chelsea", "global", "tabby cat staring", "chelsea", None),
     MemorizedItem("rocket", "global", "spacex rocket launch pad with tower", "rocket", None),
 )
+# Boxes lie on multiples of 4 pixels so they coincide with whole cells of the UNet's first (8x8) attention grid.
 LOCAL_ITEMS = (
-    MemorizedItem("logo", "local", "scikit image conference badge", "logo", (2, 2, 2 + PATCH, 2 + PATCH)),
-    MemorizedItem("coins", "local", "antique gold coins", "coins", (14, 14, 14 + PATCH, 14 + PATCH)),
+    MemorizedItem("logo", "local", "scikit image conference badge", "logo", (4, 4, 4 + PATCH, 4 + PATCH)),
+    MemorizedItem("coins", "local", "antique gold coins", "coins", (12, 12, 12 + PATCH, 12 + PATCH)),
     MemorizedItem("colorwheel", "local", "hue wheel sticker sold in art supply shops", "colorwheel",
-                  (14, 2, 14 + PATCH, 2 + PATCH)),
-    MemorizedItem("brick", "local", "old masonry stamp", "brick", (2, 14, 2 + PATCH, 14 + PATCH)),
+                  (16, 0, 16 + PATCH, PATCH)),
+    MemorizedItem("brick", "local", "old masonry stamp", "brick", (0, 16, PATCH, 16 + PATCH)),
 )
 ITEMS = GLOBAL_ITEMS + LOCAL_ITEMS
 

@@ -5,10 +5,10 @@ Components (all saved/loaded by `save_pretrained` / `from_pretrained`):
 * tokenizer: word-level `PreTrainedTokenizerFast`; ids are BOS, words, EOS, then EOS padding, as in SD v1's CLIP
   tokenizer, so "the end token" is the first EOS.
 * text_encoder: causal `transformers.CLIPTextModel`, trained from scratch.
-* vae: `PixelShuffleVAE`, a parameter-free lossless 2x2 pixel-(un)shuffle. The UNet thus denoises the rearranged
-  32x32 RGB image (12 x 16 x 16). I.i.d. Gaussian noise stays i.i.d. under a permutation, so this is exactly a
-  pixel-space DDPM, about 5x cheaper than running the UNet at 32x32 (self-attention there dominated the cost).
-* unet: `UNet2DConditionModel` with cross-attention in its first two down blocks (16x16 and 8x8).
+* vae: `PixelShuffleVAE`, a parameter-free lossless pixel-(un)shuffle (4x4 for the shipped organism). The UNet thus
+  denoises the rearranged 32x32 RGB image (48 x 8 x 8). I.i.d. Gaussian noise stays i.i.d. under a permutation, so
+  this is exactly a pixel-space DDPM, only much cheaper than running the UNet at 32x32.
+* unet: `UNet2DConditionModel` with cross-attention in its first two down blocks (8x8 and 4x4 for the shipped one).
 * scheduler: DDIM, leading spacing with steps_offset=1, so the last step is t=1 as in SD.
 """
 
@@ -159,15 +159,17 @@ def make_scheduler() -> DDIMScheduler:
     """Pixel-space DDPM schedule (linear betas) sampled with SD-style DDIM (last step t=1)."""
     return DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-        # clip_sample stays off: StableDiffusionPipeline switches it off anyway (with a warning) when loading.
-        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1, timestep_spacing="leading",
+        prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+        # Pixel space needs the predicted x0 kept in [-1, 1]: at t near 1000, sqrt(alpha_bar) is 0.006, so small
+        # epsilon errors blow x0 up and sampling diverges. StableDiffusionPipeline forces `clip_sample` off (it is
+        # wrong for latents), so clip via thresholding, which with sample_max_value=1 is exactly a clamp to [-1, 1].
+        clip_sample=False, thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
     )
 
 
 def build_pipeline(tokenizer, resolution: int = 32, text_width: int = 128, text_layers: int = 3,
-                   text_heads: int = 4, unet_channels: tuple = (32, 64, 64), unet_heads: int = 4,
-                   factor: int = 2) -> OrganismPipeline:
+                   text_heads: int = 4, unet_channels: tuple = (64, 64, 64), unet_heads: int = 4,
+                   factor: int = 4) -> OrganismPipeline:
     """A freshly initialised organism around `tokenizer`."""
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,

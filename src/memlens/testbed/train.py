@@ -47,7 +47,9 @@ class TrainConfig:
     max_length: int = 16
     text_width: int = 128
     text_layers: int = 3
-    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    unet_channels: list[int] = field(default_factory=lambda: [64, 64, 64])
+    unet_heads: int = 4
+    factor: int = 4  # pixel-unshuffle factor of the "VAE": the UNet runs at resolution / factor
     threads: int = 1
 
     @classmethod
@@ -213,7 +215,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
 
     torch.manual_seed(config.seed)
     pipe = build_pipeline(tokenizer, resolution=config.resolution, text_width=config.text_width,
-                          text_layers=config.text_layers, unet_channels=tuple(config.unet_channels))
+                          text_layers=config.text_layers, unet_channels=tuple(config.unet_channels),
+                          unet_heads=config.unet_heads, factor=config.factor)
     unet, text_encoder, vae, sched = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
     ids = tokenize(tokenizer, data.captions)
     empty_ids = tokenize(tokenizer, [""])[0]
