@@ -113,11 +113,10 @@ def _randomize_(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
 
 
-def tiny_sd1_pipeline(seed: int = 0, model_max_length: int = 77):
-    """SD 1.x structure: cross-attention in down_blocks.0/1, 2 layers per block, pad = EOS, epsilon prediction."""
+def _tiny_sd_pipeline(seed, model_max_length, pad_token, prediction_type, unet_family_kwargs):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    tokenizer = tiny_tokenizer(model_max_length)
+    tokenizer = tiny_tokenizer(model_max_length, pad_token=pad_token)
     text_encoder = _text_encoder(tokenizer, hidden=32, seed=seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -129,8 +128,8 @@ def tiny_sd1_pipeline(seed: int = 0, model_max_length: int = 77):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=4,  # SD1 configs put the head COUNT here (8 in the real one)
         norm_num_groups=4,
+        **unet_family_kwargs,
     ).eval()
     _randomize_(unet, seed)
     pipe = StableDiffusionPipeline(
@@ -138,48 +137,27 @@ def tiny_sd1_pipeline(seed: int = 0, model_max_length: int = 77):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler("epsilon"),
+        scheduler=_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd1_pipeline(seed: int = 0, model_max_length: int = 77):
+    """SD 1.x structure: cross-attention in down_blocks.0/1, 2 layers per block, pad = EOS, epsilon prediction."""
+    # SD1 configs put the head COUNT in attention_head_dim (8 in the real one).
+    family = dict(attention_head_dim=4)
+    return _tiny_sd_pipeline(seed, model_max_length, "<|endoftext|>", "epsilon", family)
 
 
 def tiny_sd2_pipeline(seed: int = 0, model_max_length: int = 77):
     """SD 2.x structure: pad token "!", v-prediction, linear projections, a different head count per level."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
-    tokenizer = tiny_tokenizer(model_max_length, pad_token="!")
-    text_encoder = _text_encoder(tokenizer, hidden=32, seed=seed)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(4, 8, 8),  # head width per level, as in SD2's config: 16/4 = 4 heads, 32/8 = 4 heads
-        use_linear_projection=True,
-        norm_num_groups=4,
-    ).eval()
-    _randomize_(unet, seed)
-    pipe = StableDiffusionPipeline(
-        vae=_vae(seed),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_scheduler("v_prediction"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    # diffusers reads attention_head_dim as the head count (a legacy name); SD2 has a different count per level.
+    family = dict(attention_head_dim=(4, 8, 8), use_linear_projection=True)
+    return _tiny_sd_pipeline(seed, model_max_length, "!", "v_prediction", family)
 
 
 def tiny_sdxl_pipeline(seed: int = 0, model_max_length: int = 77):
