@@ -43,6 +43,7 @@ def train_command(
     ema_decay: float = typer.Option(0.995, "--ema-decay"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
     unet_channels: str = typer.Option("64,64,64", "--unet-channels"),
+    schedule: str = typer.Option("sd", "--schedule", help="Noise schedule: sd (scaled-linear) or ddpm (linear)."),
     factor: int = typer.Option(4, "--factor", help="Pixel-unshuffle factor: the UNet runs at resolution/factor."),
     unet_heads: int = typer.Option(4, "--unet-heads", help="Attention heads per UNet attention layer."),
     text_width: int = typer.Option(128, "--text-width"),
@@ -53,8 +54,11 @@ def train_command(
 ) -> None:
     """Train the text encoder and UNet from scratch on an imagefolder dataset."""
     from memlens.errors import InputError
+    from memlens.testbed.pipeline import SCHEDULES
     from memlens.testbed.train import TrainConfig, train
 
+    if schedule not in SCHEDULES:
+        raise InputError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
     try:
         channels = [int(c) for c in unet_channels.split(",")]
     except ValueError:
@@ -64,7 +68,7 @@ def train_command(
         caption_dropout=caption_dropout,
         dropout_kinds=[k.strip() for k in dropout_kinds.split(",")] if dropout_kinds else None,
         snr_gamma=snr_gamma, ema_decay=ema_decay, checkpoint_every=checkpoint_every, unet_channels=channels,
-        unet_heads=unet_heads, factor=factor,
+        unet_heads=unet_heads, factor=factor, schedule=schedule,
         text_width=text_width, text_layers=text_layers, threads=threads,
     )
     path = train(data, out, config, resume=resume, progress=progress)

@@ -155,21 +155,30 @@ class OrganismPipeline(StableDiffusionPipeline):
                                 num_inference_steps=num_inference_steps, **kwargs)
 
 
-def make_scheduler() -> DDIMScheduler:
-    """Pixel-space DDPM schedule (linear betas) sampled with SD-style DDIM (last step t=1)."""
+# Noise schedules by name: "sd" is Stable Diffusion v1's (scaled-linear betas 0.00085..0.012), "ddpm" the pixel-space
+# DDPM one (linear 1e-4..0.02). With "ddpm", sqrt(alpha_bar) at t=981 is 0.006, so an undertrained UNet's small
+# epsilon errors become huge x0 errors and sampling drifts off the data; "sd" ends at 0.07 and is far better
+# conditioned for a model trained for minutes.
+SCHEDULES = {
+    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "ddpm": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+}
+
+
+def make_scheduler(schedule: str = "sd") -> DDIMScheduler:
+    """DDIM sampling as in SD (leading spacing, steps_offset=1, so the last step is t=1), epsilon prediction."""
     return DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+        num_train_timesteps=1000, **SCHEDULES[schedule],
         prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-        # Pixel space needs the predicted x0 kept in [-1, 1]: at t near 1000, sqrt(alpha_bar) is 0.006, so small
-        # epsilon errors blow x0 up and sampling diverges. StableDiffusionPipeline forces `clip_sample` off (it is
-        # wrong for latents), so clip via thresholding, which with sample_max_value=1 is exactly a clamp to [-1, 1].
+        # Pixel space needs the predicted x0 kept in [-1, 1]. StableDiffusionPipeline forces `clip_sample` off (it
+        # is wrong for latents), so clip via thresholding, which with sample_max_value=1 is exactly that clamp.
         clip_sample=False, thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
     )
 
 
 def build_pipeline(tokenizer, resolution: int = 32, text_width: int = 128, text_layers: int = 3,
                    text_heads: int = 4, unet_channels: tuple = (64, 64, 64), unet_heads: int = 4,
-                   factor: int = 4) -> OrganismPipeline:
+                   factor: int = 4, schedule: str = "sd") -> OrganismPipeline:
     """A freshly initialised organism around `tokenizer`."""
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,
@@ -189,7 +198,7 @@ def build_pipeline(tokenizer, resolution: int = 32, text_width: int = 128, text_
         cross_attention_dim=text_width, attention_head_dim=unet_heads, norm_num_groups=8,
     )
     pipe = OrganismPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                            scheduler=make_scheduler())
+                            scheduler=make_scheduler(schedule))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -50,6 +50,7 @@ class TrainConfig:
     unet_channels: list[int] = field(default_factory=lambda: [64, 64, 64])
     unet_heads: int = 4
     factor: int = 4  # pixel-unshuffle factor of the "VAE": the UNet runs at resolution / factor
+    schedule: str = "sd"  # noise schedule name, see memlens.testbed.pipeline.SCHEDULES
     threads: int = 1
 
     @classmethod
@@ -216,7 +217,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     torch.manual_seed(config.seed)
     pipe = build_pipeline(tokenizer, resolution=config.resolution, text_width=config.text_width,
                           text_layers=config.text_layers, unet_channels=tuple(config.unet_channels),
-                          unet_heads=config.unet_heads, factor=config.factor)
+                          unet_heads=config.unet_heads, factor=config.factor,
+                          schedule=config.schedule)
     unet, text_encoder, vae, sched = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
     ids = tokenize(tokenizer, data.captions)
     empty_ids = tokenize(tokenizer, [""])[0]
