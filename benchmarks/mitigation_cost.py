@@ -4,8 +4,9 @@ Cost is counted, not only timed: a forward pre-hook on the UNet adds up the batc
 evaluated without gradients and rows evaluated with gradients (PE's optimisation; each of those also pays a backward,
 roughly twice a forward). A plain generation of one image with CFG is 2 x steps rows, the unit used in the table.
 
-Mask agreement: for each prompt and seed, the BE map of a k-step unmitigated pass (same x_T) against the map of the
-full-length pass: Pearson correlation, and IoU of their Otsu-thresholded masks.
+Mask agreement: for each memorized organism prompt, the BE map of a k-step unmitigated pass (same x_T) against the
+map of the full-length pass: Pearson correlation, IoU of their Otsu-thresholded masks, and for the local items the
+pixel AUROC of either map against the planted box.
 
     python benchmarks/mitigation_cost.py --model runs/rt --steps 50
     python benchmarks/mitigation_cost.py --smoke
@@ -106,8 +107,24 @@ def mask_agreement(pipe, prompts, args, guidance):
             pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens)
         return [r.be_map for r in probe.records]
 
+    from sklearn.metrics import roc_auc_score
+
+    from memlens.maps import normalize, upsample
+    from memlens.testbed.data import ITEMS, item_mask
+
+    def box_auroc(ms):
+        # Pixel AUROC of the maps of the local items against their planted boxes (is the mask where it should be?).
+        scores, labels = [], []
+        for it, m in zip(ITEMS, ms):
+            if it.kind == "local":
+                gt = item_mask(it)
+                scores.append(normalize(upsample(m, gt.shape)).ravel())
+                labels.append(gt.ravel())
+        return float(roc_auc_score(np.concatenate(labels), np.concatenate(scores))) if labels else None
+
     full = maps(args.steps)
-    out = []
+    out = [{"mask_steps": args.steps, "local_box_auroc": box_auroc(full)}]
+    print(json.dumps(out[-1]), flush=True)
     for k in args.mask_steps:
         few = maps(k)
         corr = [pearson(a, b) for a, b in zip(few, full)]
@@ -117,7 +134,8 @@ def mask_agreement(pipe, prompts, args, guidance):
             union = (ma | mb).sum()
             ious.append(float((ma & mb).sum() / union) if union else 1.0)
         out.append({"mask_steps": k, "pearson_mean": float(np.mean(corr)), "pearson_min": float(np.min(corr)),
-                    "otsu_iou_mean": float(np.mean(ious)), "cost_vs_full": round(k / args.steps, 3)})
+                    "otsu_iou_mean": float(np.mean(ious)), "cost_vs_full": round(k / args.steps, 3),
+                    "local_box_auroc": box_auroc(few)})
         print(json.dumps(out[-1]), flush=True)
     return out
 
