@@ -20,9 +20,21 @@ __all__ = ["upsample", "normalize", "threshold_otsu", "heatmap", "overlay", "sav
 
 
 def upsample(be_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an (h, w) map to size=(H, W) by bilinear interpolation (align_corners=False)."""
-    arr = torch.as_tensor(np.asarray(be_map, dtype=np.float32))[None, None]
-    out = F.interpolate(arr, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+    """Resize an (h, w) map to size=(H, W) by bilinear interpolation (align_corners=False), as float32.
+
+    Half-pixel alignment treats each attention cell as covering an equal block of pixels, which is how the UNet's
+    downsampling maps pixels to attention positions. Shrinking is antialiased so no cell is skipped.
+    """
+    arr = np.asarray(be_map, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {arr.shape}")
+    size = tuple(int(s) for s in size)
+    if arr.shape == size:
+        return arr.copy()
+    shrink = size[0] < arr.shape[0] or size[1] < arr.shape[1]
+    out = F.interpolate(
+        torch.from_numpy(arr)[None, None], size=size, mode="bilinear", align_corners=False, antialias=shrink
+    )
     return out[0, 0].numpy()
 
 

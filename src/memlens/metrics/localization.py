@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from memlens.maps import normalize, threshold_otsu, upsample
+
 __all__ = [
     "upsample_map",
     "minmax_normalize",
@@ -28,33 +30,10 @@ __all__ = [
 ]
 
 
-def upsample_map(be_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a (h, w) map to `size` = (H, W) with bilinear interpolation, `align_corners=False`, as float32.
-
-    Half-pixel alignment treats each attention cell as covering an equal block of image pixels, which is how the
-    UNet's downsampling maps pixels to attention positions; edge cells are clamped, not extrapolated.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    m = np.asarray(be_map, dtype=np.float32)
-    if m.ndim != 2:
-        raise ValueError(f"expected a 2-D map, got shape {m.shape}")
-    if m.shape == tuple(size):
-        return m.copy()
-    t = torch.from_numpy(m)[None, None]
-    shrink = size[0] < m.shape[0] or size[1] < m.shape[1]
-    out = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
-    return out[0, 0].numpy().astype(np.float32)
-
-
-def minmax_normalize(be_map: np.ndarray) -> np.ndarray:
-    """Map values to [0, 1] per image; a constant map becomes all zeros (no region stands out)."""
-    m = np.asarray(be_map, dtype=np.float32)
-    lo, hi = float(m.min()), float(m.max())
-    if hi <= lo:
-        return np.zeros_like(m)
-    return ((m - lo) / (hi - lo)).astype(np.float32)
+# One implementation of resizing and scaling serves the probe, the pictures and the metrics, so a map scored here is
+# the map a user sees.
+upsample_map = upsample
+minmax_normalize = normalize
 
 
 def _pairs(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]):
@@ -107,11 +86,7 @@ def binarize_fixed(be_map: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 def binarize_otsu(be_map: np.ndarray) -> np.ndarray:
     """Pixels strictly above Otsu's threshold (`skimage.filters.threshold_otsu`); a constant map selects nothing."""
-    from skimage.filters import threshold_otsu
-
     m = np.asarray(be_map, dtype=np.float32)
-    if float(m.max()) <= float(m.min()):
-        return np.zeros(m.shape, dtype=bool)
     return m > threshold_otsu(m)
 
 
