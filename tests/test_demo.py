@@ -16,6 +16,11 @@ def test_demo_summary_keys(tmp_path):
                 assert stat in on_disk["detection"][k][m]
     assert 0 <= on_disk["novelty"]["generic"] <= 1
     assert "pixel_auroc" in on_disk["localization"] and "iou" in on_disk["localization"]
+    # The probe's END map and the all-token capture read the same layers: their END numbers must agree.
+    end, probe = on_disk["localization_by_token"]["END"], on_disk["localization"]
+    assert end["n"] == probe["n"]
+    if probe["pixel_auroc"] is not None:
+        assert abs(end["pixel_auroc"] - probe["pixel_auroc"]) < 1e-3
     assert len(list((tmp_path / "images").glob("*.png"))) == len(on_disk["generations"]) == 8 + 4
     assert len(list((tmp_path / "be").glob("*.png"))) == 12
     assert len(list((tmp_path / "ground_truth").glob("*.png"))) == 8

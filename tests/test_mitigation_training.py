@@ -139,3 +139,18 @@ def test_finetune_skips_batches_the_filter_empties(tmp_path):
     assert json.loads((out / "finetune_log.jsonl").read_text())["kept"] == 2
     after = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
     assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_testbed_train_filter_option(tmp_path):
+    from memlens.testbed.data import make_dataset
+    from memlens.testbed.train import TrainConfig, read_log, train
+
+    data = make_dataset(tmp_path / "data", seed=1, n_generic=8, copies=2)
+    cfg = dict(steps=2, batch_size=4, lr=3e-3, warmup=1, text_width=32, text_layers=1, unet_channels=[8, 16, 16],
+               checkpoint_every=2, log_every=1, caption_dropout=0.0)
+    out = train(data, tmp_path / "none", TrainConfig(filter="D", filter_threshold=-1.0, **cfg), progress=False)
+    assert [r["kept"] for r in read_log(out)] == [0, 0]
+    state = torch.load(sorted((out / "checkpoints").glob("step_*"))[-1] / "state.pt", weights_only=False)
+    assert state["optimizer"]["state"] == {}  # no sample kept: the optimizer never stepped
+    out = train(data, tmp_path / "all", TrainConfig(filter="LD", filter_threshold=1e9, **cfg), progress=False)
+    assert [r["kept"] for r in read_log(out)] == [4, 4]

@@ -35,7 +35,8 @@ def test_loss_decreases(data, tmp_path):
 
 def test_resume_is_exact(data, tmp_path):
     full = train(data, tmp_path / "full", _tiny(10), progress=False)
-    part = train(data, tmp_path / "part", _tiny(5), progress=False)
+    part = train(data, tmp_path / "part", _tiny(10), progress=False, stop_after=5)
+    assert read_log(part)[-1]["step"] == 5
     part = train(data, part, _tiny(10), resume=True, progress=False)
     a, b = _weights(full), _weights(part)
     assert a["step"] == b["step"] == 10

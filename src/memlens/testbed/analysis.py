@@ -38,38 +38,54 @@ class _FullAttention:
                              attention_mask=attention_mask, **kw)
 
 
+class FullAttention:
+    """Context manager: keeps the last-step, head-mean, conditional-branch attention over all tokens of every
+    cross-attention layer. Install it before a `BrightEndingProbe` (the probe then wraps these processors)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.store = defaultdict(list)
+        self.flag = {"on": False}
+
+    def __enter__(self):
+        self.originals = {}
+        for name, mod in self.pipe.unet.named_modules():
+            if getattr(mod, "is_cross_attention", False) and hasattr(mod, "set_processor"):
+                self.originals[name] = mod.processor
+                mod.set_processor(_FullAttention(name, mod.processor, self.store, self.flag))
+
+        def pre(module, args, kwargs):
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            self.flag["on"] = float(t) == float(self.pipe.scheduler.timesteps[-1])
+
+        self.hook = self.pipe.unet.register_forward_pre_hook(pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        for name, mod in self.pipe.unet.named_modules():
+            if name in self.originals:
+                mod.set_processor(self.originals[name])
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """Per block (e.g. down_blocks.0): (N, h, w, T) attention of all images so far, averaged over its layers."""
+        blocks = defaultdict(list)
+        for name, probs in self.store.items():
+            blocks[".".join(name.split(".")[:2])].append(torch.cat(probs))
+        out = {}
+        for block, arrs in blocks.items():
+            p = torch.stack(arrs).mean(0)  # (N, Q, T)
+            side = int(round(p.shape[1] ** 0.5))
+            out[block] = p.view(p.shape[0], side, side, p.shape[2]).numpy()
+        return out
+
+
 def last_step_attention(pipe, prompts, per_prompt, steps, guidance, seed):
     """Images and, per block name, last-step attention (N, h, w, T) averaged over the block's layers."""
-    store, flag = defaultdict(list), {"on": False}
-    originals = {}
-    for name, mod in pipe.unet.named_modules():
-        if getattr(mod, "is_cross_attention", False) and hasattr(mod, "set_processor"):
-            originals[name] = mod.processor
-            mod.set_processor(_FullAttention(name, mod.processor, store, flag))
-
-    def pre(module, args, kwargs):
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        flag["on"] = float(t) == float(pipe.scheduler.timesteps[-1])
-
-    hook = pipe.unet.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
+    with FullAttention(pipe) as full:
         out = pipe(prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
                    generator=torch.Generator().manual_seed(seed))
-    finally:
-        hook.remove()
-        for name, mod in pipe.unet.named_modules():
-            if name in originals:
-                mod.set_processor(originals[name])
-    blocks = defaultdict(list)
-    for name, probs in store.items():
-        block = ".".join(name.split(".")[:2])  # e.g. down_blocks.0
-        blocks[block].append(probs[-1])
-    maps = {}
-    for block, arrs in blocks.items():
-        p = torch.stack(arrs).mean(0)  # (N, Q, T)
-        side = int(round(p.shape[1] ** 0.5))
-        maps[block] = p.view(p.shape[0], side, side, p.shape[2]).numpy()
-    return out.images, maps
+    return out.images, full.maps()
 
 
 def token_maps(att: np.ndarray, eos: int) -> dict[str, np.ndarray]:

@@ -29,11 +29,13 @@ def make_data_command(
 def train_command(
     data: Path = typer.Option(..., "--data", help="imagefolder dataset (metadata.jsonl with file_name, text)."),
     out: Path = typer.Option(..., "--out", help="Model directory: EMA pipeline, checkpoints, log."),
-    steps: int = typer.Option(3000, "--steps"),
+    steps: int = typer.Option(2500, "--steps"),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(1.5e-3, "--lr"),
     text_lr_mult: float = typer.Option(1.0, "--text-lr-mult", help="Text-encoder lr as a multiple of --lr."),
     warmup: int = typer.Option(100, "--warmup"),
+    decay_from: float = typer.Option(0.6, "--decay-from",
+                                     help="Cosine lr decay (to 0.1x) starts at this fraction of --steps; 1 = none."),
     seed: int = typer.Option(0, "--seed"),
     caption_dropout: float = typer.Option(0.1, "--caption-dropout", help="Empty-prompt probability (for CFG)."),
     dropout_kinds: Optional[str] = typer.Option(
@@ -45,10 +47,13 @@ def train_command(
     unet_channels: str = typer.Option("64,64,64", "--unet-channels"),
     schedule: str = typer.Option("sd", "--schedule", help="Noise schedule: sd (scaled-linear) or ddpm (linear)."),
     factor: int = typer.Option(4, "--factor", help="Pixel-unshuffle factor: the UNet runs at resolution/factor."),
-    unet_heads: int = typer.Option(4, "--unet-heads", help="Attention heads per UNet attention layer."),
+    unet_heads: int = typer.Option(1, "--unet-heads", help="Attention heads per UNet attention layer."),
     text_width: int = typer.Option(128, "--text-width"),
     text_layers: int = typer.Option(3, "--text-layers"),
     threads: int = typer.Option(1, "--threads", help="torch threads; 1 is most robust on a shared machine."),
+    filter: str = typer.Option("none", "--filter", help="Training-time mitigation: drop samples whose D or LD "
+                               "(none, D, LD) is above --threshold; see docs/mitigation.md."),
+    threshold: float = typer.Option(float("inf"), "--threshold", help="Magnitude above which --filter drops a sample."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -64,12 +69,12 @@ def train_command(
     except ValueError:
         raise InputError(f"--unet-channels: expected comma-separated integers, got {unet_channels!r}") from None
     config = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, text_lr_mult=text_lr_mult, warmup=warmup, seed=seed,
+        steps=steps, batch_size=batch_size, lr=lr, text_lr_mult=text_lr_mult, warmup=warmup, decay_from=decay_from, seed=seed,
         caption_dropout=caption_dropout,
         dropout_kinds=[k.strip() for k in dropout_kinds.split(",")] if dropout_kinds else None,
         snr_gamma=snr_gamma, ema_decay=ema_decay, checkpoint_every=checkpoint_every, unet_channels=channels,
         unet_heads=unet_heads, factor=factor, schedule=schedule,
-        text_width=text_width, text_layers=text_layers, threads=threads,
+        text_width=text_width, text_layers=text_layers, threads=threads, filter=filter, filter_threshold=threshold,
     )
     path = train(data, out, config, resume=resume, progress=progress)
     typer.echo(f"wrote {path}")

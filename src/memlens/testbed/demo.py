@@ -17,19 +17,23 @@ import numpy as np
 import torch
 import typer
 
+from memlens.testbed.analysis import token_maps
 from memlens.testbed.evaluation import (MATCH_CORR, _items_by_group, detection, localization, prompt_set,
                                         score_generation)
 
 
 def _generate(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: float, seed: int):
-    """Images and probe records for one pipeline call (records are in image order)."""
+    """Images, probe records (in image order) and the probed block's all-token last-step attention (N, h, w, T)."""
     from memlens import BrightEndingProbe
+    from memlens.testbed.analysis import FullAttention
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    with BrightEndingProbe(pipe) as probe:
+    # FullAttention goes on first so that the probe wraps it; it only adds the other tokens' maps for comparison.
+    with FullAttention(pipe) as full, BrightEndingProbe(pipe) as probe:
         out = pipe(prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
                    generator=gen)
-    return out.images, probe.records
+    block = ".".join(probe.layer_names[0].split(".")[:2])
+    return out.images, probe.records, full.maps()[block]
 
 
 def _gt_picture(item: dict) -> "Image.Image":
@@ -65,13 +69,14 @@ def run_demo(out_dir: str | Path, model: str | Path | None = None, per_memorized
 
     rows = []
     for group, per, call_seed in ((memorized, per_memorized, seed), (generic, per_generic, seed + 1)):
-        images, records = _generate(pipe, [p.text for p in group], per, steps, guidance, call_seed)
+        images, records, attention = _generate(pipe, [p.text for p in group], per, steps, guidance, call_seed)
         for i, (img, rec) in enumerate(zip(images, records)):
             p = group[i // per]
             label = p.group if p.kind != "generic" else f"{i // per:02d}"
-            rows.append({"prompt": p, "image": img, "record": rec, "name": f"{p.kind}_{label}_{i % per}"})
+            rows.append({"prompt": p, "image": img, "record": rec, "name": f"{p.kind}_{label}_{i % per}",
+                         "tokens": token_maps(attention[i], rec.eos_index)})
 
-    per_gen, loc_maps, loc_masks = [], [], []
+    per_gen, loc_maps, loc_masks, loc_tokens = [], [], [], []
     for r in rows:
         p, rec, img, name = r["prompt"], r["record"], r["image"], r["name"]
         save_png(img, out / "images" / f"{name}.png")
@@ -84,6 +89,7 @@ def run_demo(out_dir: str | Path, model: str | Path | None = None, per_memorized
         if p.kind == "local" and score["reproduces_own"]:
             loc_maps.append(rec.be_map)
             loc_masks.append(items[p.group]["mask"])
+            loc_tokens.append(r["tokens"])
     for group, item in items.items():
         save_png(_gt_picture(item), out / "ground_truth" / f"{item['kind']}_{group}.png")
 
@@ -94,6 +100,9 @@ def run_demo(out_dir: str | Path, model: str | Path | None = None, per_memorized
         "memorization_rate": {k: float(np.mean([e["reproduces_own"] for e in subset(k)])) for k in ("local", "global")},
         "novelty": {"generic": float(np.mean([e["novel"] for e in subset("generic")]))},
         "localization": localization(loc_maps, loc_masks),
+        # Same generations and rule, other tokens of the same layers: where the signal lives in this model.
+        "localization_by_token": {tok: localization([t[tok] for t in loc_tokens], loc_masks)
+                                  for tok in ("END", "pad_EOS", "BOS", "word_mean")},
         "detection": {
             k: {m: detection([e[m] for e in subset(k)], [e[m] for e in subset("generic")]) for m in ("D", "LD")}
             for k in ("local", "global")
@@ -122,6 +131,8 @@ def format_summary(s: dict, out: Path) -> str:
         f"local {_fmt(s['memorization_rate']['local'])}; generic novelty {_fmt(s['novelty']['generic'])}",
         f"localization (BE map vs ground truth, {loc['n']} local copies): pixel AUROC {_fmt(loc['pixel_auroc'])}, "
         f"IoU {_fmt(loc['iou'])}",
+        "  same, other tokens: " + ", ".join(f"{t} AUROC {_fmt(v['pixel_auroc'])} IoU {_fmt(v['iou'])}"
+                                           for t, v in s["localization_by_token"].items() if t != "END"),
     ]
     for k in ("global", "local"):
         lines.append(f"detection {k} vs generic: " + ", ".join(
