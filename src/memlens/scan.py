@@ -83,7 +83,8 @@ def resolve_prompts(prompts: Any) -> list[PromptRecord]:
     return records
 
 
-def _prompts_digest(records: Sequence[PromptRecord]) -> str:
+def prompts_digest(records: Sequence[PromptRecord]) -> str:
+    """SHA-256 of the prompts' content, the identity a resume checks."""
     # Content, not path: moving the prompt file must not block a resume; editing it must.
     canon = json.dumps([[r.prompt, r.label, r.type, r.index] for r in records], ensure_ascii=False)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
@@ -101,7 +102,8 @@ def _check_positive(**values: Optional[int]) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the numbers, for run.json."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -214,7 +216,7 @@ def run_scan(
 
     settings = {
         "model": model_id,
-        "prompts_sha256": _prompts_digest(records),
+        "prompts_sha256": prompts_digest(records),
         "prompts_source": str(prompts) if isinstance(prompts, (str, Path)) else "in memory",
         "num_prompts": len(records),
         "num_images": num_images,
@@ -267,7 +269,7 @@ def run_scan(
                     "runs": (previous or {}).get("runs", 0) + 1,
                     "processes": state.num_processes,
                     "settings": settings,
-                    "versions": _versions(),
+                    "versions": library_versions(),
                     "pipeline": facts,
                 },
             )
@@ -332,7 +334,7 @@ def _run_batch(pipe, probe, pool, batch, records, out: Path, steps, guidance, he
 
     # PNG encoding (zlib) releases the GIL, so a batch's files are written side by side; the batch's lines are only
     # built and appended after every file is on disk.
-    return list(pool.map(lambda args: _save_one(out, records[args[0].prompt_index], *args), zip(batch, images, measured)))
+    return list(pool.map(lambda args: save_generation(out, records[args[0].prompt_index], *args), zip(batch, images, measured)))
 
 
 def _raised_in(err: BaseException, function: str) -> bool:
@@ -344,7 +346,8 @@ def _raised_in(err: BaseException, function: str) -> bool:
     return False
 
 
-def _save_one(out: Path, src: PromptRecord, it: ScanItem, image, rec) -> dict:
+def save_generation(out: Path, src: PromptRecord, it: ScanItem, image, rec) -> dict:
+    """Write one image, its BE map and overlay under `out`; return its generations.jsonl record (not yet appended)."""
     from memlens.maps import overlay
 
     be_map = np.asarray(rec.be_map, dtype=np.float32)

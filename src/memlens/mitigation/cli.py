@@ -62,7 +62,7 @@ def run_mitigation(
 ) -> Path:
     """Mitigate every image of `prompts` into `out_dir`; `pipe_or_model` is a pipeline or a MODEL string."""
     from memlens.models import load_pipeline, model_identity, pipeline_facts
-    from memlens.scan import ScanItem, _prompts_digest, _versions, image_seed, resolve_prompts
+    from memlens.scan import ScanItem, prompts_digest, library_versions, image_seed, resolve_prompts
 
     if num_images < 1 or batch_size < 1:
         raise InputError("--num-images and --batch-size must be at least 1")
@@ -87,7 +87,7 @@ def run_mitigation(
 
     run_settings = {
         "model": model_id,
-        "prompts_sha256": _prompts_digest(records),
+        "prompts_sha256": prompts_digest(records),
         "prompts_source": str(prompts) if isinstance(prompts, (str, Path)) else "in memory",
         "num_prompts": len(records),
         "num_images": num_images,
@@ -121,7 +121,7 @@ def run_mitigation(
     scanstore.write_run_json(out, {
         "format": FORMAT, "kind": "mitigate", "status": "running",
         "started_at": (previous or {}).get("started_at") or _now(), "settings": run_settings,
-        "versions": _versions(), "pipeline": facts,
+        "versions": library_versions(), "pipeline": facts,
     })
     from tqdm.auto import tqdm
 
@@ -150,9 +150,9 @@ def _now() -> str:
 def _write(out: Path, item, src, o, method: str) -> dict:
     # The scan's own writer gives the image, map and overlay files and every scan key; mitigation adds its own.
     from memlens.maps import save_png
-    from memlens.scan import _save_one
+    from memlens.scan import save_generation
 
-    line = _save_one(out, src, item, o.image, o.record)
+    line = save_generation(out, src, item, o.image, o.record)
     line.update({
         "method": method,
         "triggered": o.triggered,
