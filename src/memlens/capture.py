@@ -80,7 +80,8 @@ class CaptureSink:
     def conditional_rows(self) -> slice:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def token_indices(self) -> torch.Tensor:  # pragma: no cover - interface
+    def token_weights(self, num_tokens: int) -> torch.Tensor:  # pragma: no cover - interface
+        """(batch, num_tokens) weights over text tokens for each conditional row; a one-hot selects one token."""
         raise NotImplementedError
 
     def add_attention(self, layer: str, column: torch.Tensor) -> None:  # pragma: no cover - interface
@@ -91,10 +92,12 @@ def token_attention(
     attn: torch.nn.Module,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    tokens: torch.Tensor,
+    token_weights: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-averaged attention probability of each query on one token per sample, shape (batch, queries), float32.
+    """Head-averaged attention probability of each query on the weighted tokens of its sample: (batch, queries).
+
+    `token_weights` is (batch, tokens); a one-hot row reads one token's column. Computed in float32.
 
     Mirrors the projections of diffusers' `AttnProcessor` (group norm, cross norm, per-head q/k norms) and computes
     softmax(Q K^T * scale) explicitly, because fused kernels never expose the probabilities.
@@ -120,8 +123,7 @@ def token_attention(
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
         scores = scores + mask.view(batch, heads, -1, key.shape[2]).float()
     probs = scores.softmax(dim=-1).mean(dim=1)  # (batch, queries, tokens)
-    index = tokens.to(probs.device).view(batch, 1, 1).expand(batch, probs.shape[1], 1)
-    return probs.gather(2, index).squeeze(2)
+    return torch.bmm(probs, token_weights.to(probs.device, torch.float32)[:, :, None]).squeeze(2)
 
 
 class CaptureProcessor:
@@ -145,7 +147,7 @@ class CaptureProcessor:
                     attn,
                     hidden_states[rows],
                     text_states[rows],
-                    self.sink.token_indices(),
+                    self.sink.token_weights(text_states.shape[1]),
                     None if attention_mask is None else attention_mask[rows],
                 )
             self.sink.add_attention(self.layer, column)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from memlens import capture
 from memlens.errors import MemlensError
 
-__all__ = ["BrightEndingProbe", "ImageRecord"]
+__all__ = ["BrightEndingProbe", "ImageRecord", "TOKEN_CHOICES", "token_weights"]
 
 
 @dataclass
@@ -53,7 +53,8 @@ class ImageRecord:
         return sum(a.nbytes for a in arrays if a is not None)
 
 
-def _downsampled_shape(height: int, width: int, queries: int) -> tuple[int, int]:
+def attention_grid(height: int, width: int, queries: int) -> tuple[int, int]:
+    """The (h, w) grid of `queries` attention positions over a height x width latent."""
     # UNet downsamplers are stride-2 convs with padding 1: each level maps n to ceil(n / 2).
     h, w = height, width
     while h * w > queries and h > 1:
@@ -61,6 +62,24 @@ def _downsampled_shape(height: int, width: int, queries: int) -> tuple[int, int]
     if h * w != queries:
         raise MemlensError(f"cannot place {queries} attention queries on a {height}x{width} latent")
     return h, w
+
+
+TOKEN_CHOICES = ("eos", "eos+padding")
+
+
+def token_weights(token: str | int, eos: Sequence[int], num_tokens: int) -> torch.Tensor:
+    """(images, num_tokens) weights that read `token` for images whose end token sits at `eos`."""
+    weights = torch.zeros(len(eos), num_tokens)
+    for i, e in enumerate(eos):
+        if token == "eos":
+            weights[i, e] = 1.0
+        elif token == "eos+padding":
+            weights[i, e:] = 1.0 / (num_tokens - e)
+        else:
+            if not -num_tokens <= int(token) < num_tokens:
+                raise MemlensError(f"token position {token} is outside the {num_tokens} text tokens")
+            weights[i, int(token)] = 1.0
+    return weights
 
 
 def _first_index(ids: Sequence[int], token_id: int) -> int:
@@ -86,6 +105,7 @@ class _Call:
         self.map_counts: dict[str, int] = {}
         self.latent_hw: tuple[int, int] = (0, 0)
         self.capture_now = False
+        self.token_weights: torch.Tensor | None = None
         self.expect_layers: set[str] = set()
         self.seen_layers: set[str] = set()
 
@@ -100,7 +120,9 @@ class BrightEndingProbe(capture.CaptureSink):
             down block that has cross-attention (``down_blocks.0`` in SD1/SD2, ``down_blocks.1`` in SDXL).
         steps: step indices at which attention is read, negative counting from the end; maps of several steps are
             averaged. Default: the last step, as in the paper.
-        token: ``"eos"`` (the first EOS of the padded ids, the paper's end token) or a fixed token position.
+        token: ``"eos"`` (the first EOS of the padded ids, the paper's end token), ``"eos+padding"`` (the mean
+            attention over the end token and every position after it, i.e. the EOS/padding block), or a fixed
+            token position.
         prompts / eos_indices: needed only when the pipeline is called with ``prompt_embeds`` instead of prompts;
             they apply to every such call until changed (set ``probe.prompts`` / ``probe.eos_indices``).
         keep_energy: keep each image's per-step energy maps (steps x H x W) so that other masks can be applied later
@@ -127,8 +149,8 @@ class BrightEndingProbe(capture.CaptureSink):
         if not steps:
             raise MemlensError("steps must name at least one step index")
         self.steps = tuple(int(s) for s in steps)
-        if token != "eos" and not isinstance(token, int):
-            raise MemlensError(f"token must be 'eos' or an int position, got {token!r}")
+        if token not in TOKEN_CHOICES and not isinstance(token, int):
+            raise MemlensError(f"token must be one of {TOKEN_CHOICES} or an int position, got {token!r}")
         self.token = token
         self.prompts = list(prompts) if prompts is not None else None
         self.eos_indices = list(eos_indices) if eos_indices is not None else None
@@ -182,11 +204,11 @@ class BrightEndingProbe(capture.CaptureSink):
         n = len(self._call.eos)
         return slice(n, 2 * n) if self._call.cfg else slice(0, n)
 
-    def token_indices(self) -> torch.Tensor:
+    def token_weights(self, num_tokens: int) -> torch.Tensor:
         call = self._call
-        if self.token == "eos":
-            return torch.tensor(call.eos, dtype=torch.long)
-        return torch.full((len(call.eos),), int(self.token), dtype=torch.long)
+        if call.token_weights is None or call.token_weights.shape[1] != num_tokens:
+            call.token_weights = token_weights(self.token, call.eos, num_tokens)
+        return call.token_weights
 
     def add_attention(self, layer: str, column: torch.Tensor) -> None:
         call = self._call
@@ -340,7 +362,7 @@ class BrightEndingProbe(capture.CaptureSink):
             )
         maps = torch.stack([call.maps[name] / call.map_counts[name] for name in call.maps]).mean(dim=0)
         height, width = call.latent_hw
-        h, w = _downsampled_shape(height, width, maps.shape[1])
+        h, w = attention_grid(height, width, maps.shape[1])
         be_maps = maps.view(-1, h, w)
         mask = be_maps
         if (h, w) != (height, width):

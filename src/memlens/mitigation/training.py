@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from memlens import capture
+from memlens.probe import attention_grid, token_weights
 from memlens.errors import InputError
 
 __all__ = ["SampleMagnitudes", "sample_magnitudes", "filter_mask", "eos_positions", "TrainingFilter", "finetune", "CRITERIA"]
@@ -63,19 +64,15 @@ class _Sink(capture.CaptureSink):
     def conditional_rows(self) -> slice:
         return self.rows
 
-    def token_indices(self) -> torch.Tensor:
-        return self.tokens
+    def token_weights(self, num_tokens: int) -> torch.Tensor:
+        return token_weights("eos", self.tokens.tolist(), num_tokens)
 
     def add_attention(self, layer: str, column: torch.Tensor) -> None:
         self.columns.append(column)
 
 
 def _grid(queries: int, height: int, width: int) -> tuple[int, int]:
-    # Downsamplers map n to ceil(n / 2) per level, as in memlens.probe.
-    h, w = height, width
-    while h * w > queries and h > 1:
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
+    return attention_grid(height, width, queries)
 
 
 def _expand(x: torch.Tensor | None, b: int) -> torch.Tensor | None:
