@@ -279,17 +279,17 @@ def test_configurable_layers_steps_and_token():
     assert probe.records == []
 
 
-def test_eos_and_padding_token_is_the_mean_of_its_positions():
+def test_padding_token_is_the_mean_of_its_positions():
     pipe = tiny_pipeline("sd1", model_max_length=10)
-    prompt = ["a cat"]  # BOS a c a t EOS + 4 padding EOS: the block is positions 5..9
+    prompt = ["a cat"]  # BOS a c a t EOS + 4 padding EOS: the padding is positions 6..9
 
     def be_map(token):
         with BrightEndingProbe(pipe, token=token) as probe:
             _generate(pipe, 2, per_prompt=1, prompts=prompt)
         return probe.records[0].be_map
 
-    block = np.mean([be_map(k) for k in range(5, 10)], axis=0)
-    _assert_rel(be_map("eos+padding"), block)
+    block = np.mean([be_map(k) for k in range(6, 10)], axis=0)
+    _assert_rel(be_map("padding"), block)
     _assert_rel(be_map("eos"), be_map(5))
     with pytest.raises(MemlensError, match="token must be one of"):
         BrightEndingProbe(pipe, token="pad")

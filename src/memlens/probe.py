@@ -64,7 +64,7 @@ def attention_grid(height: int, width: int, queries: int) -> tuple[int, int]:
     return h, w
 
 
-TOKEN_CHOICES = ("eos", "eos+padding")
+TOKEN_CHOICES = ("eos", "padding")
 
 
 def token_weights(token: str | int, eos: Sequence[int], num_tokens: int) -> torch.Tensor:
@@ -73,8 +73,10 @@ def token_weights(token: str | int, eos: Sequence[int], num_tokens: int) -> torc
     for i, e in enumerate(eos):
         if token == "eos":
             weights[i, e] = 1.0
-        elif token == "eos+padding":
-            weights[i, e:] = 1.0 / (num_tokens - e)
+        elif token == "padding":
+            # The positions after the end token; a prompt that fills the context has none, so read the end token.
+            start = e + 1 if e + 1 < num_tokens else e
+            weights[i, start:] = 1.0 / (num_tokens - start)
         else:
             if not -num_tokens <= int(token) < num_tokens:
                 raise MemlensError(f"token position {token} is outside the {num_tokens} text tokens")
@@ -120,9 +122,8 @@ class BrightEndingProbe(capture.CaptureSink):
             down block that has cross-attention (``down_blocks.0`` in SD1/SD2, ``down_blocks.1`` in SDXL).
         steps: step indices at which attention is read, negative counting from the end; maps of several steps are
             averaged. Default: the last step, as in the paper.
-        token: ``"eos"`` (the first EOS of the padded ids, the paper's end token), ``"eos+padding"`` (the mean
-            attention over the end token and every position after it, i.e. the EOS/padding block), or a fixed
-            token position.
+        token: ``"eos"`` (the first EOS of the padded ids, the paper's end token), ``"padding"`` (the mean attention
+            over every position after the end token, the padding), or a fixed token position.
         prompts / eos_indices: needed only when the pipeline is called with ``prompt_embeds`` instead of prompts;
             they apply to every such call until changed (set ``probe.prompts`` / ``probe.eos_indices``).
         keep_energy: keep each image's per-step energy maps (steps x H x W) so that other masks can be applied later
