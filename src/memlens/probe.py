@@ -101,6 +101,8 @@ class _Call:
         self.per_prompt = per_prompt
         self.cfg = cfg
         self.last_step = -1
+        self.current_step = -1
+        self.latent_channels = 0
         self.steps: list[int] = []
         self.energy: list[torch.Tensor] = []  # per step (n, H, W) float32, on the UNet's device
         self.maps: dict[str, torch.Tensor] = {}  # layer -> (n, queries) float32, summed over captured steps
