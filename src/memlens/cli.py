@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     # transformers warns at import about optional image-processor backends memlens never uses; keep the terminal
     # for what the user asked about. An explicit TRANSFORMERS_VERBOSITY still wins.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as transformers_logging
+
+    # Loading a few-MB model needs no progress bar of its own; memlens shows progress for the work itself.
+    transformers_logging.disable_progress_bar()
     _mount()
     try:
         app(args=argv, standalone_mode=False)
