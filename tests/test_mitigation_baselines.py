@@ -86,6 +86,6 @@ def test_mitigate_writes_scan_layout_and_resumes(sd1, tmp_path):
     before = (out / "generations.jsonl").read_bytes()
     run_mitigation(sd1, str(prompts), tmp_path / "out", s, num_images=2, batch_size=3, progress=False)
     assert (out / "generations.jsonl").read_bytes() == before  # nothing left to do
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="--method and its options"):
         run_mitigation(sd1, str(prompts), tmp_path / "out", Settings(method="pe", steps=2, guidance=3.0),
                        num_images=2, progress=False)

@@ -281,7 +281,7 @@ def test_cli_refuses_a_different_scan_in_the_same_folder(reference, model_folder
     Path(reference.parent / "x.txt").write_text("a\n")
     assert cli([*args[:4], reference.parent / "x.txt", *args[5:]]) == 2
     err = capsys.readouterr().err.strip()
-    assert "holds a different scan" in err and "\n" not in err
+    assert "holds a different run: --model is" in err and "\n" not in err
 
 
 def test_public_set_name_as_prompts(monkeypatch):

@@ -115,13 +115,49 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _settings_mismatch(old: dict, new: dict) -> Optional[str]:
-    for key, option in _OPTION.items():
+def _settings_mismatch(old: dict, new: dict, options: dict[str, str] = _OPTION) -> Optional[str]:
+    for key, option in options.items():
         if old.get(key) != new.get(key):
             if key == "prompts_sha256":
-                return "--prompts: the prompts differ from those the scan was started with"
-            return f"{option} is {new.get(key)!r} but the scan was started with {old.get(key)!r}"
+                return "--prompts: the prompts differ from those the run was started with"
+            return f"{option} is {new.get(key)!r} but the run was started with {old.get(key)!r}"
     return None
+
+
+def refuse_other_run(out: Path, settings: dict, options: dict[str, str] = _OPTION) -> Optional[dict]:
+    """Return the run.json already in `out` (None for a fresh folder); raise if it holds a run of other settings.
+
+    `options` maps each compared settings key to the command-line option a user would change.
+    """
+    previous = scanstore.read_run_json(out)
+    if previous is not None:
+        why = _settings_mismatch(previous.get("settings", {}), settings, options)
+        if why:
+            raise InputError(f"--out {out} holds a different run: {why}; rerun with its settings or pick another --out")
+    elif (out / scanstore.GENERATIONS).exists() and (out / scanstore.GENERATIONS).stat().st_size > 0:
+        raise InputError(f"--out {out} has {scanstore.GENERATIONS} but no run.json; pick another --out")
+    return previous
+
+
+def prompt_identity(records: Sequence[PromptRecord], prompts) -> dict:
+    """The run.json keys that identify a prompt set."""
+    return {
+        "prompts_sha256": prompts_digest(records),
+        "prompts_source": str(prompts) if isinstance(prompts, (str, Path)) else "in memory",
+        "num_prompts": len(records),
+    }
+
+
+def open_pipeline(pipe_or_model, *, dtype: str, device: Optional[str], model_name: Optional[str] = None, state=None):
+    """(pipeline, model id): load a MODEL string with `memlens.models.load_pipeline`, or take a pipeline as given."""
+    from memlens.models import load_pipeline, model_identity
+
+    if isinstance(pipe_or_model, str):
+        state = state if state is not None else _partial_state()
+        return load_pipeline(pipe_or_model, dtype=dtype, device=_pick_device(device, state)), model_identity(pipe_or_model)
+    pipe = pipe_or_model
+    model_id = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+    return pipe, model_id
 
 
 # --- the probe ------------------------------------------------------------------------------------------------------
@@ -189,7 +225,7 @@ def run_scan(
     Resumes an interrupted scan of the same settings; refuses a folder holding a scan of other settings.
     Returns the output folder.
     """
-    from memlens.models import load_pipeline, model_identity, pipeline_facts
+    from memlens.models import pipeline_facts
 
     _check_positive(num_images=num_images, steps=steps, batch_size=batch_size, height=height, width=width)
     _check_guidance(guidance)
@@ -199,12 +235,7 @@ def run_scan(
         raise InputError(f"--out {out}: is a file; expected a folder")
     state = _partial_state()
 
-    if isinstance(pipe_or_model, str):
-        model_id = model_identity(pipe_or_model)
-        pipe = load_pipeline(pipe_or_model, dtype=dtype, device=_pick_device(device, state))
-    else:
-        pipe = pipe_or_model
-        model_id = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+    pipe, model_id = open_pipeline(pipe_or_model, dtype=dtype, device=device, model_name=model_name, state=state)
     facts = pipeline_facts(pipe)
     height = height or facts["height"]
     width = width or facts["width"]
@@ -216,9 +247,7 @@ def run_scan(
 
     settings = {
         "model": model_id,
-        "prompts_sha256": prompts_digest(records),
-        "prompts_source": str(prompts) if isinstance(prompts, (str, Path)) else "in memory",
-        "num_prompts": len(records),
+        **prompt_identity(records, prompts),
         "num_images": num_images,
         "steps": steps,
         "guidance": float(guidance),
@@ -230,13 +259,7 @@ def run_scan(
         "batch_size": batch_size,  # recorded, not compared: it does not change the images
     }
     settings["probe"] = json.loads(json.dumps(settings["probe"]))  # tuples -> lists, as they come back from disk
-    previous = scanstore.read_run_json(out)
-    if previous is not None:
-        why = _settings_mismatch(previous.get("settings", {}), settings)
-        if why:
-            raise InputError(f"--out {out} holds a different scan: {why}; rerun with its settings or pick another --out")
-    elif (out / scanstore.GENERATIONS).exists() and (out / scanstore.GENERATIONS).stat().st_size > 0:
-        raise InputError(f"--out {out} has {scanstore.GENERATIONS} but no run.json; pick another --out")
+    previous = refuse_other_run(out, settings)
 
     items = [
         ScanItem(p, i, image_seed(seed, p, i, num_images)) for p in range(len(records)) for i in range(num_images)

@@ -29,7 +29,11 @@ UNMITIGATED = "unmitigated"
 FORMAT = 1
 
 # Settings that change which images come out; a resume must match them all.
-_COMPARED = ("model", "prompts_sha256", "num_images", "seed", "height", "width", "dtype", "mitigation")
+# Settings a resume must share with the run in --out, and the option a user would change for each.
+_COMPARED = {
+    "model": "--model", "prompts_sha256": "--prompts", "num_images": "--num-images", "seed": "--seed",
+    "height": "--height", "width": "--width", "dtype": "--dtype", "mitigation": "--method and its options",
+}
 
 
 def _method_settings(s: Settings) -> dict:
@@ -61,8 +65,10 @@ def run_mitigation(
     progress: bool = True,
 ) -> Path:
     """Mitigate every image of `prompts` into `out_dir`; `pipe_or_model` is a pipeline or a MODEL string."""
-    from memlens.models import load_pipeline, model_identity, pipeline_facts
-    from memlens.scan import ScanItem, prompts_digest, library_versions, image_seed, resolve_prompts
+    from memlens.models import pipeline_facts
+    from memlens.scan import (
+        ScanItem, image_seed, library_versions, open_pipeline, prompt_identity, refuse_other_run, resolve_prompts,
+    )
 
     if num_images < 1 or batch_size < 1:
         raise InputError("--num-images and --batch-size must be at least 1")
@@ -70,15 +76,7 @@ def run_mitigation(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is a file; expected a folder")
-    if isinstance(pipe_or_model, str):
-        import torch
-
-        model_id = model_identity(pipe_or_model)
-        dev = "cuda" if device in (None, "auto") and torch.cuda.is_available() else ("cpu" if device in (None, "auto") else device)
-        pipe = load_pipeline(pipe_or_model, dtype=dtype, device=dev)
-    else:
-        pipe = pipe_or_model
-        model_id = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+    pipe, model_id = open_pipeline(pipe_or_model, dtype=dtype, device=device, model_name=model_name)
     facts = pipeline_facts(pipe)
     from dataclasses import replace
 
@@ -87,9 +85,7 @@ def run_mitigation(
 
     run_settings = {
         "model": model_id,
-        "prompts_sha256": prompts_digest(records),
-        "prompts_source": str(prompts) if isinstance(prompts, (str, Path)) else "in memory",
-        "num_prompts": len(records),
+        **prompt_identity(records, prompts),
         "num_images": num_images,
         "seed": seed,
         "height": settings.height,
@@ -101,15 +97,7 @@ def run_mitigation(
         "batch_size": batch_size,
     }
     run_settings = json.loads(json.dumps(run_settings))
-    previous = scanstore.read_run_json(out)
-    if previous is not None:
-        old = previous.get("settings", {})
-        for key in _COMPARED:
-            if old.get(key) != run_settings.get(key):
-                raise InputError(f"--out {out} holds a run with other settings ({key}: {old.get(key)!r}); "
-                                 "rerun with those settings or pick another --out")
-    elif (out / scanstore.GENERATIONS).exists():
-        raise InputError(f"--out {out} has {scanstore.GENERATIONS} but no run.json; pick another --out")
+    previous = refuse_other_run(out, run_settings, _COMPARED)
 
     items = [ScanItem(p, i, image_seed(seed, p, i, num_images)) for p in range(len(records)) for i in range(num_images)]
     done = scanstore.done_keys(out)
