@@ -8,6 +8,12 @@ For a fixed set of training rows (local, global, generic kinds of the organism's
 - seconds per call of the filter (D, LD, LD at t = 1) against one training step (forward + backward) of the batch.
 
     python benchmarks/training_filter.py --model runs/r1 --data runs/data
+
+With `--calibrate`, instead: draw each row's timestep uniformly as a training step does, and print the quantiles of
+D and LD per kind and, for thresholds at quantiles of the generic rows, the fraction of each kind a filter at that
+threshold would drop. This is how the thresholds of the organism's filtered trainings were chosen (on the model of
+the unfiltered run, with the dataset's `kind` labels; a user without labels would take quantiles over data they
+trust to be clean).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ def main(argv=None):
     ap.add_argument("--per-kind", type=int, default=16)
     ap.add_argument("--timesteps", default="1,50,200,500,800")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calibrate", action="store_true", help="threshold calibration at training-like random t")
+    ap.add_argument("--quantiles", default="0.9,0.95,0.99")
     args = ap.parse_args(argv)
 
     import torch
@@ -79,6 +87,8 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(latents.shape, generator=gen)
     sched = pipe.scheduler
+    if args.calibrate:
+        return _calibrate(args, unet, sched, latents, noise, cond, uncond, eos, kinds, gen)
     result = {"model": args.model, "rows": {k: int((kinds == k).sum()) for k in ("local", "global", "generic")},
               "by_timestep": []}
     for t_val in [int(t) for t in args.timesteps.split(",")]:
@@ -134,6 +144,32 @@ def main(argv=None):
     for k in ("filter_D_s", "filter_LD_s", "filter_LD_t1_s"):
         cost[k.replace("_s", "_vs_step")] = round(cost[k] / cost["train_step_s"], 3)
     result["cost"] = cost
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _calibrate(args, unet, sched, latents, noise, cond, uncond, eos, kinds, gen):
+    import torch
+
+    from memlens.mitigation.training import sample_magnitudes
+
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(kinds),), generator=gen)
+    noisy = sched.add_noise(latents, noise, t)
+    mags = sample_magnitudes(unet, noisy, t, cond, uncond, masked=True, eos_indices=eos)
+    qs = [float(q) for q in args.quantiles.split(",")]
+    result = {"model": args.model, "rows": {k: int((kinds == k).sum()) for k in ("local", "global", "generic")}}
+    for name, values in (("D", mags.D.numpy()), ("LD", mags.LD.numpy())):
+        entry = {"quantiles": {k: [round(float(x), 4) for x in np.quantile(values[kinds == k], [0.5] + qs)]
+                               for k in ("local", "global", "generic")},
+                 "auc_local": _auc(values[kinds == "local"], values[kinds == "generic"]),
+                 "auc_global": _auc(values[kinds == "global"], values[kinds == "generic"]),
+                 "thresholds": []}
+        for q in qs:
+            thr = float(np.quantile(values[kinds == "generic"], q))
+            entry["thresholds"].append({"generic_quantile": q, "threshold": round(thr, 4),
+                                        **{f"dropped_{k}": round(float((values[kinds == k] > thr).mean()), 3)
+                                           for k in ("local", "global", "generic")}})
+        result[name] = entry
     print(json.dumps(result, indent=1))
     return 0
 

@@ -149,8 +149,8 @@ def test_testbed_train_filter_option(tmp_path):
     cfg = dict(steps=2, batch_size=4, lr=3e-3, warmup=1, text_width=32, text_layers=1, unet_channels=[8, 16, 16],
                checkpoint_every=2, log_every=1, caption_dropout=0.0)
     out = train(data, tmp_path / "none", TrainConfig(filter="D", filter_threshold=-1.0, **cfg), progress=False)
-    assert [r["kept"] for r in read_log(out)] == [0, 0]
+    assert [(r["kept"], r["seen"]) for r in read_log(out)] == [(0, 4), (0, 4)]
     state = torch.load(sorted((out / "checkpoints").glob("step_*"))[-1] / "state.pt", weights_only=False)
     assert state["optimizer"]["state"] == {}  # no sample kept: the optimizer never stepped
     out = train(data, tmp_path / "all", TrainConfig(filter="LD", filter_threshold=1e9, **cfg), progress=False)
-    assert [r["kept"] for r in read_log(out)] == [4, 4]
+    assert [(r["kept"], r["seen"]) for r in read_log(out)] == [(4, 4), (4, 4)]

@@ -14,13 +14,41 @@ def tiny():
     return build_pipeline(tok, text_width=32, text_layers=1, unet_channels=(8, 16, 16), unet_heads=2)
 
 
-def test_tokenizer_ids_like_sd1(tiny):
-    tok = tiny.tokenizer
+def test_tokenizer_ids_like_sd1():
+    tok = build_tokenizer(["a red circle on blue", "tabby cat staring"], max_length=8, pad="eos")
     ids = tokenize(tok, ["Tabby cat, staring!"])[0].tolist()
     words = [tok.convert_ids_to_tokens(i) for i in ids[1:4]]
     assert ids[0] == tok.bos_token_id and words == ["tabby", "cat", "staring"]
     assert ids[4:] == [tok.eos_token_id] * (tok.model_max_length - 4)
     assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_tokenizer_with_own_pad_token_like_sd2():
+    tok = build_tokenizer(["a red circle on blue", "tabby cat staring"], max_length=8)  # the default
+    ids = tokenize(tok, ["tabby cat staring", ""]).tolist()
+    assert tok.pad_token_id not in (tok.eos_token_id, tok.bos_token_id, tok.unk_token_id)
+    assert ids[0][4] == tok.eos_token_id and ids[0][5:] == [tok.pad_token_id] * 3
+    # the end token is the only EOS, also for the empty prompt
+    assert ids[1][:2] == [tok.bos_token_id, tok.eos_token_id] and ids[1].count(tok.eos_token_id) == 1
+
+
+def test_probe_end_token_with_own_pad_token():
+    from memlens import BrightEndingProbe
+
+    tok = build_tokenizer(["a red circle on blue", "tabby cat staring"], max_length=8, pad="pad")
+    torch.manual_seed(0)
+    pipe = build_pipeline(tok, text_width=32, text_layers=1, unet_channels=(8, 16, 16), unet_heads=2)
+    with BrightEndingProbe(pipe) as probe:
+        pipe(["tabby cat staring", "a red circle"], num_inference_steps=2, guidance_scale=2.0,
+             generator=torch.Generator().manual_seed(0))
+    assert [r.eos_index for r in probe.records] == [4, 4]
+
+
+def test_bad_pad_choice_names_the_choices():
+    from memlens.errors import InputError
+
+    with pytest.raises(InputError, match="eos, pad"):
+        build_tokenizer(["a"], pad="bang")
 
 
 def test_round_trip_and_stock_loader(tiny, tmp_path):

@@ -51,9 +51,12 @@ def test_cli_make_data_and_train(tmp_path):
     main(["testbed", "make-data", "--out", str(data), "--n-generic", "8", "--copies", "2"])
     main(["testbed", "train", "--data", str(data), "--out", str(tmp_path / "m"), "--steps", "2",
           "--batch-size", "4", "--unet-channels", "8,16,16", "--text-width", "32", "--text-layers", "1",
-          "--dropout-kinds", "generic", "--no-progress"])
+          "--dropout-kinds", "generic", "--pad-token", "eos", "--no-progress"])
     cfg = json.loads((tmp_path / "m" / "train_config.json").read_text())
-    assert cfg["dropout_kinds"] == ["generic"] and (tmp_path / "m" / "unet").is_dir()
+    assert cfg["dropout_kinds"] == ["generic"] and cfg["pad_token"] == "eos" and (tmp_path / "m" / "unet").is_dir()
+    from memlens.testbed.pipeline import EOS, load_pipeline
+
+    assert load_pipeline(tmp_path / "m").tokenizer.pad_token == EOS
 
 
 def test_bad_metadata_names_line_and_field(tmp_path):

@@ -2,7 +2,7 @@
 
 The probe reads one token (the end token) from one block. This analysis keeps the full last-step cross-attention
 (all tokens) of every cross-attention block, so the end token can be compared with BOS, the mean over the prompt's
-words and the padding EOS tokens, and down_blocks.0 with down_blocks.1 and the others.
+words and the padding after the end token, and down_blocks.0 with down_blocks.1 and the others.
 
 Run: python -m memlens.testbed.analysis MODEL_DIR OUT_JSON [--per-prompt N]
 """
@@ -91,7 +91,7 @@ def last_step_attention(pipe, prompts, per_prompt, steps, guidance, seed):
 def token_maps(att: np.ndarray, eos: int) -> dict[str, np.ndarray]:
     """(h, w, T) attention of one image -> named (h, w) maps."""
     return {"END": att[..., eos], "BOS": att[..., 0], "word_mean": att[..., 1:eos].mean(-1),
-            "pad_EOS": att[..., eos + 1 :].mean(-1) if eos + 1 < att.shape[-1] else att[..., eos]}
+            "padding": att[..., eos + 1 :].mean(-1) if eos + 1 < att.shape[-1] else att[..., eos]}
 
 
 def _save_grid(images, end_maps, per_prompt, path) -> None:
@@ -138,7 +138,7 @@ def analyse(model_dir, per_prompt=4, steps=50, guidance=None, seed=0, grid=None)
               "blocks": {}}
     for block, att in maps.items():
         res = {}
-        for tok in ("END", "BOS", "word_mean", "pad_EOS"):
+        for tok in ("END", "BOS", "word_mean", "padding"):
             tm = [token_maps(att[i], g["eos"])[tok] for i, g in enumerate(gens)]
             loc_idx = [i for i, g in enumerate(gens) if g["p"].kind == "local" and g["reproduces_own"]]
             loc = localization([tm[i] for i in loc_idx], [items[gens[i]["p"].group]["mask"] for i in loc_idx])

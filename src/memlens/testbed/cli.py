@@ -50,6 +50,8 @@ def train_command(
     unet_heads: int = typer.Option(1, "--unet-heads", help="Attention heads per UNet attention layer."),
     text_width: int = typer.Option(128, "--text-width"),
     text_layers: int = typer.Option(3, "--text-layers"),
+    pad_token: str = typer.Option("pad", "--pad-token", help="Padding after the end token: pad (a token of its "
+                                  "own, as SD v2; the shipped organism) or eos (the end token again, as SD v1)."),
     threads: int = typer.Option(1, "--threads", help="torch threads; 1 is most robust on a shared machine."),
     filter: str = typer.Option("none", "--filter", help="Training-time mitigation: drop samples whose D or LD "
                                "(none, D, LD) is above --threshold; see docs/mitigation.md."),
@@ -59,11 +61,13 @@ def train_command(
 ) -> None:
     """Train the text encoder and UNet from scratch on an imagefolder dataset."""
     from memlens.errors import InputError
-    from memlens.testbed.pipeline import SCHEDULES
+    from memlens.testbed.pipeline import PAD_CHOICES, SCHEDULES
     from memlens.testbed.train import TrainConfig, train
 
     if schedule not in SCHEDULES:
         raise InputError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if pad_token not in PAD_CHOICES:
+        raise InputError(f"--pad-token: expected one of {', '.join(PAD_CHOICES)}, got {pad_token!r}")
     try:
         channels = [int(c) for c in unet_channels.split(",")]
     except ValueError:
@@ -74,7 +78,7 @@ def train_command(
         dropout_kinds=[k.strip() for k in dropout_kinds.split(",")] if dropout_kinds else None,
         snr_gamma=snr_gamma, ema_decay=ema_decay, checkpoint_every=checkpoint_every, unet_channels=channels,
         unet_heads=unet_heads, factor=factor, schedule=schedule,
-        text_width=text_width, text_layers=text_layers, threads=threads, filter=filter, filter_threshold=threshold,
+        text_width=text_width, text_layers=text_layers, pad_token=pad_token, threads=threads, filter=filter, filter_threshold=threshold,
     )
     path = train(data, out, config, resume=resume, progress=progress)
     typer.echo(f"wrote {path}")

@@ -69,7 +69,7 @@ GLOBAL_ITEMS = (
 LOCAL_ITEMS = (
     MemorizedItem("logo", "local", "scikit image conference badge", "logo", (4, 4, 4 + PATCH, 4 + PATCH)),
     MemorizedItem("coins", "local", "antique gold coins", "coins", (12, 12, 12 + PATCH, 12 + PATCH)),
-    MemorizedItem("colorwheel", "local", "hue wheel sticker sold in art supply shops", "colorwheel",
+    MemorizedItem("colorwheel", "local", "hue wheel sticker", "colorwheel",
                   (16, 0, 16 + PATCH, PATCH)),
     MemorizedItem("brick", "local", "old masonry stamp", "brick", (0, 16, PATCH, 16 + PATCH)),
 )

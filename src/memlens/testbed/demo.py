@@ -102,7 +102,7 @@ def run_demo(out_dir: str | Path, model: str | Path | None = None, per_memorized
         "localization": localization(loc_maps, loc_masks),
         # Same generations and rule, other tokens of the same layers: where the signal lives in this model.
         "localization_by_token": {tok: localization([t[tok] for t in loc_tokens], loc_masks)
-                                  for tok in ("END", "pad_EOS", "BOS", "word_mean")},
+                                  for tok in ("END", "padding", "BOS", "word_mean")},
         "detection": {
             k: {m: detection([e[m] for e in subset(k)], [e[m] for e in subset("generic")]) for m in ("D", "LD")}
             for k in ("local", "global")

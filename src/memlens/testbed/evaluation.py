@@ -10,6 +10,15 @@ Per-generation criteria (fixed in advance, used by the demo and in docs/organism
   global reference image, and its box crop's correlation with every local template at that template's box, stay
   below `MATCH_CORR`. (The generic training scenes are not consulted: the shipped package does not carry them.)
 
+Quality on generic prompts (for comparing trained organisms, e.g. with and without a training-time filter):
+
+* **background accuracy**: for generic captions that name a background (`... on red [background]`), the fraction of
+  generations whose border pixels, each snapped to the nearest palette colour, are mostly that colour;
+* **palette distance**: the mean RGB distance (0-255 units) of every pixel to its nearest palette colour; generic
+  training scenes are flat palette colours (distance 0), so grain and smudges raise it;
+* **held-out loss**: the epsilon-prediction MSE on fresh generic scenes (a seed the dataset did not use) at fixed
+  timesteps and fixed noise, so two models are scored on exactly the same inputs.
+
 Localization compares the bright-ending map, upsampled to image size (bilinear) and min-max normalised per image,
 with the ground-truth box, over local generations that reproduce their own item. IoU uses Otsu's threshold on each
 normalised map, a rule that does not know the mask's area.
@@ -21,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memlens.testbed.data import ITEMS, generic_scene, memorized_items
+import re
+
+from memlens.testbed.data import COLOURS, ITEMS, generic_scene, memorized_items
 
 MATCH_CORR = 0.8
 
@@ -113,3 +124,60 @@ def detection(pos: np.ndarray, neg: np.ndarray) -> dict:
     s = np.r_[pos, neg]
     fpr, tpr, _ = roc_curve(y, s)
     return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max())}
+
+
+# ---------------------------------------------------------------- quality on generic prompts
+_PALETTE_NAMES = list(COLOURS)
+_PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], np.float32)
+_BACKGROUND = re.compile(r"\bon (\w+)(?: background)?$")
+
+
+def caption_background(caption: str) -> str | None:
+    """The background colour a generic caption names, or None when it names none."""
+    m = _BACKGROUND.search(caption.strip())
+    return m.group(1) if m and m.group(1) in COLOURS else None
+
+
+def border_colour(img: np.ndarray) -> str:
+    """Majority palette colour of the image's outermost pixel ring (each pixel snapped to its nearest colour)."""
+    img = np.asarray(img, np.float32)
+    ring = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    nearest = ((ring[:, None, :] - _PALETTE[None]) ** 2).sum(-1).argmin(1)
+    return _PALETTE_NAMES[int(np.bincount(nearest, minlength=len(_PALETTE)).argmax())]
+
+
+def palette_distance(images) -> float:
+    """Mean over images and pixels of the RGB distance to the nearest palette colour (0 = pure palette colours)."""
+    pix = np.concatenate([np.asarray(img, np.float32).reshape(-1, 3) for img in images])
+    return float(np.sqrt(((pix[:, None, :] - _PALETTE[None]) ** 2).sum(-1).min(1)).mean())
+
+
+def background_accuracy(images, captions) -> dict:
+    """Fraction of generations whose border colour is the background their caption names (captions naming none
+    are skipped; `n` says how many counted)."""
+    hits = [border_colour(np.asarray(img)) == bg
+            for img, cap in zip(images, captions) if (bg := caption_background(cap)) is not None]
+    return {"accuracy": float(np.mean(hits)) if hits else None, "n": len(hits)}
+
+
+def heldout_generic_loss(pipe, n: int = 256, seed: int = 987654, timesteps=(50, 200, 400, 600, 800)) -> float:
+    """Mean epsilon MSE of `pipe`'s UNet on `n` fresh generic scenes under their captions, at fixed timesteps with
+    fixed noise (pure function of `n` and `seed`, so models are compared on identical inputs)."""
+    import torch
+
+    from memlens.testbed.pipeline import tokenize
+
+    rng = np.random.default_rng(seed)
+    scenes = [generic_scene(rng) for _ in range(n)]
+    x0 = torch.from_numpy(np.stack([img for img, _ in scenes])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = pipe.vae.encode(x0).latent_dist.sample()
+        cond = pipe.text_encoder(tokenize(pipe.tokenizer, [c for _, c in scenes]))[0]
+        losses = []
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=gen)
+            tt = torch.full((n,), int(t), dtype=torch.long)
+            pred = pipe.unet(pipe.scheduler.add_noise(latents, noise, tt), tt, encoder_hidden_states=cond).sample
+            losses.append(float((pred - noise).pow(2).mean()))
+    return float(np.mean(losses))

@@ -2,8 +2,8 @@
 
 Components (all saved/loaded by `save_pretrained` / `from_pretrained`):
 
-* tokenizer: word-level `PreTrainedTokenizerFast`; ids are BOS, words, EOS, then EOS padding, as in SD v1's CLIP
-  tokenizer, so "the end token" is the first EOS.
+* tokenizer: word-level `PreTrainedTokenizerFast`; ids are BOS, words, EOS, then padding: EOS again as in SD v1's
+  CLIP tokenizer, or a PAD token of its own as in SD v2's. "The end token" is the first EOS either way.
 * text_encoder: causal `transformers.CLIPTextModel`, trained from scratch.
 * vae: `PixelShuffleVAE`, a parameter-free lossless pixel-(un)shuffle (4x4 for the shipped organism). The UNet thus
   denoises the rearranged 32x32 RGB image (48 x 8 x 8). I.i.d. Gaussian noise stays i.i.d. under a permutation, so
@@ -26,7 +26,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
+BOS, EOS, UNK, PAD = "<|startoftext|>", "<|endoftext|>", "<|unk|>", "<|pad|>"
+# What fills the ids after the end token: "eos" repeats the end token (SD v1's CLIP tokenizer), "pad" uses a token of
+# its own (as SD v2's tokenizer pads with "!"), so the end token is the only EOS in the sequence.
+PAD_CHOICES = ("eos", "pad")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # Recommended sampling settings for the shipped organism; guidance 7.5 (SD's default) over-guides a model this small.
@@ -40,12 +43,19 @@ def split_words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def build_tokenizer(captions, max_length: int = 16) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the words of `captions`; ids: BOS w1 .. wn EOS, padded with EOS."""
+def build_tokenizer(captions, max_length: int = 16, pad: str = "pad") -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words of `captions`; ids: BOS w1 .. wn EOS, then padding (`pad`, see
+    PAD_CHOICES)."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
+    if pad not in PAD_CHOICES:
+        from memlens.errors import InputError
+
+        raise InputError(f"pad: expected one of {', '.join(PAD_CHOICES)}, got {pad!r}")
     words = sorted({w for c in captions for w in split_words(c)})
     vocab = {BOS: 0, EOS: 1, UNK: 2}
+    if pad == "pad":
+        vocab[PAD] = len(vocab)
     for w in words:
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
@@ -58,7 +68,7 @@ def build_tokenizer(captions, max_length: int = 16) -> PreTrainedTokenizerFast:
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
-        pad_token=EOS,  # SD v1 pads with the end token
+        pad_token=EOS if pad == "eos" else PAD,
         unk_token=UNK,
         model_max_length=max_length,
         padding_side="right",
@@ -212,9 +222,11 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
 
         raise InputError(f"{path}: no model_index.json; expected a directory written by OrganismPipeline.save_pretrained")
     from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
     # Loading bars would interleave with the caller's own output; this loads a few MB in well under a second.
     dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
     pipe = OrganismPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

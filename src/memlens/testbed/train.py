@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class TrainConfig:
     log_every: int = 50
     resolution: int = 32
     max_length: int = 16
+    pad_token: str = "pad"  # what pads captions after the end token, see memlens.testbed.pipeline.PAD_CHOICES
     text_width: int = 128
     text_layers: int = 3
     unet_channels: list[int] = field(default_factory=lambda: [64, 64, 64])
@@ -230,7 +232,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     else:
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer = build_tokenizer(data.captions, config.max_length)
+        tokenizer = build_tokenizer(data.captions, config.max_length, config.pad_token)
         tokenizer.save_pretrained(str(tok_dir))
         cfg_path.write_text(json.dumps(asdict(config), indent=1))
 
@@ -280,7 +282,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     log_f = open(out / "log.jsonl", "a")
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     running, t0 = [], time.time()
-    kept = 0
+    kept = seen = 0
     end = min(config.steps, stop_after) if stop_after else config.steps
     while step < end:
         idx = torch.from_numpy(batch_indices(len(ids), config.batch_size, step, config.seed))
@@ -298,6 +300,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
             # Dropped samples leave the batch before the gradient pass; a batch with none left updates nothing.
             keep = keep_filter(unet, text_encoder, noisy.to(device), timesteps.to(device), cond, batch_ids.to(device))
             kept += int(keep.sum())
+            seen += int(keep.numel())
             keep = keep.cpu()
             noisy, noise, timesteps, cond = noisy[keep], noise[keep], timesteps[keep], cond[keep.to(cond.device)]
         if noisy.shape[0]:
@@ -307,7 +310,10 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
             accelerator.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), config.grad_clip)
             optimizer.step()
             running.append(loss.item())
-        lr_sched.step()
+        with warnings.catch_warnings():
+            # A batch the filter emptied skips optimizer.step() on purpose; the schedule still follows the step count.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(_named_params(pipe), step)
         step += 1
@@ -316,8 +322,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
             rec = {"step": step, "loss": float(np.mean(running)) if running else float("nan"),
                    "lr": lr_sched.get_last_lr()[0], "sec": round(time.time() - t0, 1)}
             if keep_filter is not None:
-                rec["kept"] = kept
-                kept = 0
+                rec["kept"], rec["seen"] = kept, seen
+                kept = seen = 0
             log_f.write(json.dumps(rec) + "\n")
             log_f.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
