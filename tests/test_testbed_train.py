@@ -12,8 +12,9 @@ from memlens.testbed.train import TrainConfig, read_log, train
 
 
 def _tiny(steps, **kw):
-    return TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup=5, text_width=32, text_layers=1,
-                       unet_channels=[8, 16, 16], checkpoint_every=5, log_every=5, ema_decay=0.9, **kw)
+    base = dict(batch_size=8, lr=3e-3, warmup=5, text_width=32, text_layers=1, unet_channels=[8, 16, 16],
+                checkpoint_every=5, log_every=5, ema_decay=0.9)
+    return TrainConfig(steps=steps, **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +72,39 @@ def test_bad_metadata_names_line_and_field(tmp_path):
 def test_resume_without_checkpoint_is_an_input_error(data, tmp_path):
     with pytest.raises(InputError, match="no checkpoint"):
         train(data, tmp_path / "none", _tiny(1), resume=True, progress=False)
+
+
+def test_end_contrastive_option_trains_resumes_exactly_and_leaves_init_alone(data, tmp_path):
+    full = train(data, tmp_path / "full", _tiny(10, end_contrastive=0.5), progress=False)
+    log = read_log(full)
+    assert all(r["end_contrastive"] > 0 for r in log)
+    part = train(data, tmp_path / "part", _tiny(10, end_contrastive=0.5), progress=False, stop_after=5)
+    part = train(data, part, _tiny(10, end_contrastive=0.5), resume=True, progress=False)
+    a, b = _weights(full), _weights(part)
+    for key in ("unet", "text_encoder", "matcher"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    # the option adds a loss, it does not change where the pipeline starts: step-0 weights match a plain run's
+    zero = train(data, tmp_path / "z0", _tiny(5, lr=0.0), progress=False)  # lr 0: the weights stay at init
+    zero_c = train(data, tmp_path / "z1", _tiny(5, lr=0.0, end_contrastive=0.5), progress=False)
+    w0, w1 = _weights(zero), _weights(zero_c)
+    assert all(torch.equal(w0["unet"][k], w1["unet"][k]) for k in w0["unet"])
+    assert "matcher" in w1 and "matcher" not in w0
+
+
+def test_caption_matcher_counts_copies_as_positives():
+    from memlens.testbed.train import CaptionMatcher
+
+    torch.manual_seed(0)
+    m = CaptionMatcher(16)
+    images = torch.randn(4, 3, 32, 32)
+    pooled = torch.randn(4, 16)
+    ids = torch.tensor([[0, 5, 1], [0, 5, 1], [0, 6, 1], [0, 7, 1]])
+    loss = m(images, pooled, ids)
+    # independent computation: soft targets spread over the two rows with the same caption
+    img = torch.nn.functional.normalize(m.image(images), dim=-1)
+    txt = torch.nn.functional.normalize(m.text(pooled), dim=-1)
+    logits = m.logit_scale.exp() * txt @ img.T
+    target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]])
+    ref = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.log_softmax(0)).sum(0).mean())
+    assert torch.allclose(loss, ref, atol=1e-6)

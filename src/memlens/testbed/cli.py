@@ -56,6 +56,9 @@ def train_command(
     filter: str = typer.Option("none", "--filter", help="Training-time mitigation: drop samples whose D or LD "
                                "(none, D, LD) is above --threshold; see docs/mitigation.md."),
     threshold: float = typer.Option(float("inf"), "--threshold", help="Magnitude above which --filter drops a sample."),
+    end_contrastive: float = typer.Option(0.0, "--end-contrastive", help="Weight of a CLIP-style loss tying the "
+                                          "pooled end-token output to its image (0 = off; an experiment, see "
+                                          "docs/organism.md)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -78,7 +81,7 @@ def train_command(
         dropout_kinds=[k.strip() for k in dropout_kinds.split(",")] if dropout_kinds else None,
         snr_gamma=snr_gamma, ema_decay=ema_decay, checkpoint_every=checkpoint_every, unet_channels=channels,
         unet_heads=unet_heads, factor=factor, schedule=schedule,
-        text_width=text_width, text_layers=text_layers, pad_token=pad_token, threads=threads, filter=filter, filter_threshold=threshold,
+        text_width=text_width, text_layers=text_layers, pad_token=pad_token, end_contrastive=end_contrastive, threads=threads, filter=filter, filter_threshold=threshold,
     )
     path = train(data, out, config, resume=resume, progress=progress)
     typer.echo(f"wrote {path}")

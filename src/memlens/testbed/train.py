@@ -60,6 +60,10 @@ class TrainConfig:
     # Training-time mitigation (memlens.mitigation.training): drop samples whose D or LD exceeds filter_threshold.
     filter: str = "none"
     filter_threshold: float = float("inf")
+    # Weight of a CLIP-style loss tying the text encoder's pooled end-token output to its image (0 = off). CLIP's
+    # contrastive loss is what makes END the prompt's summary in Stable Diffusion's text encoder; this tries the same
+    # pressure here. It reads images and captions only, never attention or masks.
+    end_contrastive: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -150,6 +154,34 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return warm
     progress = min(1.0, (step - start) / max(1.0, config.steps - start))
     return warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+# ---------------------------------------------------------------- END-token contrastive loss
+class CaptionMatcher(torch.nn.Module):
+    """A small image encoder and a projection of the pooled END output, scored CLIP-style within a batch.
+
+    Rows with the same caption (copies of a memorized item) are all positives of each other, so duplicates are not
+    pushed apart. Training-only: not part of the saved pipeline.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        act = torch.nn.SiLU
+        self.image = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, stride=2, padding=1), act(), torch.nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            act(), torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), act(), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(), torch.nn.Linear(128, width))
+        self.text = torch.nn.Linear(width, width, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+
+    def forward(self, images: torch.Tensor, pooled: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        img = torch.nn.functional.normalize(self.image(images), dim=-1)
+        txt = torch.nn.functional.normalize(self.text(pooled), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * txt @ img.T
+        same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).float()
+        rows = -(same / same.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        cols = -(same / same.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
+        return 0.5 * (rows + cols)
 
 
 # ---------------------------------------------------------------- EMA
@@ -253,11 +285,13 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     if config.dropout_kinds and data.kinds is not None:
         droppable = torch.tensor([k in config.dropout_kinds for k in data.kinds])
 
-    optimizer = torch.optim.AdamW(
-        [{"params": unet.parameters(), "lr": config.lr},
-         {"params": text_encoder.parameters(), "lr": config.lr * config.text_lr_mult}],
-        weight_decay=config.weight_decay,
-    )
+    # Built after the pipeline, so that the pipeline's initial weights do not depend on this option.
+    matcher = CaptionMatcher(config.text_width) if config.end_contrastive > 0 else None
+    groups = [{"params": unet.parameters(), "lr": config.lr},
+              {"params": text_encoder.parameters(), "lr": config.lr * config.text_lr_mult}]
+    if matcher is not None:
+        groups.append({"params": matcher.parameters(), "lr": config.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     ema = EMA(_named_params(pipe), config.ema_decay)
     gen = torch.Generator().manual_seed(config.seed)
@@ -269,19 +303,23 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         optimizer.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_sched"])
         ema.shadow = state["ema"]
+        if matcher is not None:
+            matcher.load_state_dict(state["matcher"])
         gen.set_state(state["gen"])
         step = state["step"]
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     device = accelerator.device
+    if matcher is not None:
+        matcher.to(device).train()
     alphas_cumprod = sched.alphas_cumprod
     unet.train()
     text_encoder.train()
 
     log_f = open(out / "log.jsonl", "a")
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
-    running, t0 = [], time.time()
+    running, running_match, t0 = [], [], time.time()
     kept = seen = 0
     end = min(config.steps, stop_after) if stop_after else config.steps
     while step < end:
@@ -295,7 +333,13 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         batch_ids = torch.where(drop[:, None], empty_ids[None], ids[idx])
         noisy = sched.add_noise(latents, noise, timesteps)
 
-        cond = text_encoder(batch_ids.to(device))[0]
+        encoded = text_encoder(batch_ids.to(device))
+        cond = encoded[0]
+        match_loss = None
+        if matcher is not None and int((~drop).sum()) > 1:
+            # Empty-prompt rows (caption dropout) have no caption to match.
+            rows = (~drop).to(device)
+            match_loss = matcher(x0.to(device)[rows], encoded[1][rows], batch_ids.to(device)[rows])
         if keep_filter is not None:
             # Dropped samples leave the batch before the gradient pass; a batch with none left updates nothing.
             keep = keep_filter(unet, text_encoder, noisy.to(device), timesteps.to(device), cond, batch_ids.to(device))
@@ -306,6 +350,9 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         if noisy.shape[0]:
             pred = unet(noisy.to(device), timesteps.to(device), encoder_hidden_states=cond).sample
             loss = per_sample_loss(pred, noise.to(device), timesteps.to(device), alphas_cumprod, config.snr_gamma).mean()
+            if match_loss is not None:
+                running_match.append(match_loss.item())
+                loss = loss + config.end_contrastive * match_loss
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), config.grad_clip)
             optimizer.step()
@@ -321,6 +368,9 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         if step % config.log_every == 0 or step == end:
             rec = {"step": step, "loss": float(np.mean(running)) if running else float("nan"),
                    "lr": lr_sched.get_last_lr()[0], "sec": round(time.time() - t0, 1)}
+            if running_match:
+                rec["end_contrastive"] = float(np.mean(running_match))
+                running_match = []
             if keep_filter is not None:
                 rec["kept"], rec["seen"] = kept, seen
                 kept = seen = 0
@@ -337,6 +387,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
                 "lr_sched": lr_sched.state_dict(),
                 "ema": ema.shadow,
                 "gen": gen.get_state(),
+                **({"matcher": matcher.state_dict()} if matcher is not None else {}),
             }, config.keep_checkpoints)
             save_ema_pipeline(pipe, ema, out)
     bar.close()
