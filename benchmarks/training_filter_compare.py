@@ -63,6 +63,23 @@ def evaluate(model: Path, out: Path, seed: int = 0, per_memorized: int = 8) -> d
     }
 
 
+def _table(results: dict) -> list[str]:
+    header = ["model", "filter (threshold)", "samples kept", "memorization global", "memorization local",
+              "own corr global / local", "novelty generic", "background accuracy", "palette distance",
+              "held-out generic loss"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, r in results.items():
+        thr = "" if r["filter"] == "none" else f" ({r['threshold']:.2f})"
+        kept = "-" if r["kept_fraction"] is None else f"{r['kept_fraction']:.3f}"
+        lines.append(f"| {name} | {r['filter']}{thr} | {kept} | {r['memorization_rate']['global']:.2f} | "
+                     f"{r['memorization_rate']['local']:.2f} | {r['own_corr']['global']:.2f} / "
+                     f"{r['own_corr']['local']:.2f} | {r['novelty']:.2f} | "
+                     f"{r['background_accuracy']['accuracy']:.2f} (n={r['background_accuracy']['n']}) | "
+                     f"{r['palette_distance']:.1f} | "
+                     f"{r['heldout_generic_loss']:.4f} |")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="name=path pairs")
@@ -82,17 +99,7 @@ def main(argv=None):
         results[name] = evaluate(Path(path), out / name, args.seed, args.per_memorized)
         print(name, json.dumps(results[name]), flush=True)
     (out / "compare.json").write_text(json.dumps(results, indent=1))
-    lines = ["| model | filter (threshold) | samples kept | memorization global | memorization local | own corr global / "
-             "local | novelty generic | background accuracy | palette distance | held-out generic loss |", "|" + " --- |" * 10]
-    for name, r in results.items():
-        thr = "" if r["filter"] == "none" else f" ({r['threshold']:.2f})"
-        kept = "-" if r["kept_fraction"] is None else f"{r['kept_fraction']:.3f}"
-        lines.append(f"| {name} | {r['filter']}{thr} | {kept} | {r['memorization_rate']['global']:.2f} | "
-                     f"{r['memorization_rate']['local']:.2f} | {r['own_corr']['global']:.2f} / "
-                     f"{r['own_corr']['local']:.2f} | {r['novelty']:.2f} | "
-                     f"{r['background_accuracy']['accuracy']:.2f} (n={r['background_accuracy']['n']}) | "
-                     f"{r['palette_distance']:.1f} | "
-                     f"{r['heldout_generic_loss']:.4f} |")
+    lines = _table(results)
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

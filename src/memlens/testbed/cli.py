@@ -81,7 +81,8 @@ def train_command(
         dropout_kinds=[k.strip() for k in dropout_kinds.split(",")] if dropout_kinds else None,
         snr_gamma=snr_gamma, ema_decay=ema_decay, checkpoint_every=checkpoint_every, unet_channels=channels,
         unet_heads=unet_heads, factor=factor, schedule=schedule,
-        text_width=text_width, text_layers=text_layers, pad_token=pad_token, end_contrastive=end_contrastive, threads=threads, filter=filter, filter_threshold=threshold,
+        text_width=text_width, text_layers=text_layers, pad_token=pad_token, end_contrastive=end_contrastive,
+        threads=threads, filter=filter, filter_threshold=threshold,
     )
     path = train(data, out, config, resume=resume, progress=progress)
     typer.echo(f"wrote {path}")

@@ -26,11 +26,10 @@ normalised map, a rule that does not know the mask's area.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
-
-import re
 
 from memlens.testbed.data import COLOURS, ITEMS, generic_scene, memorized_items
 

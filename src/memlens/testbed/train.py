@@ -350,13 +350,13 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         if noisy.shape[0]:
             pred = unet(noisy.to(device), timesteps.to(device), encoder_hidden_states=cond).sample
             loss = per_sample_loss(pred, noise.to(device), timesteps.to(device), alphas_cumprod, config.snr_gamma).mean()
+            running.append(loss.item())  # the log's `loss` is the diffusion loss alone, comparable across runs
             if match_loss is not None:
                 running_match.append(match_loss.item())
                 loss = loss + config.end_contrastive * match_loss
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), config.grad_clip)
             optimizer.step()
-            running.append(loss.item())
         with warnings.catch_warnings():
             # A batch the filter emptied skips optimizer.step() on purpose; the schedule still follows the step count.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
