@@ -108,3 +108,14 @@ def test_caption_matcher_counts_copies_as_positives():
     target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]])
     ref = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.log_softmax(0)).sum(0).mean())
     assert torch.allclose(loss, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--pad-token", "bang", "--pad-token: expected one of eos, pad, got 'bang'"),
+    ("--end-contrastive", "-0.1", "--end-contrastive: expected a weight >= 0, got -0.1"),
+])
+def test_cli_train_refuses_bad_options_before_writing(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as ex:
+        main(["testbed", "train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "m"), option, value])
+    assert ex.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

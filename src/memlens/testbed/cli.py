@@ -69,6 +69,8 @@ def train_command(
 
     if schedule not in SCHEDULES:
         raise InputError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if end_contrastive < 0:
+        raise InputError(f"--end-contrastive: expected a weight >= 0, got {end_contrastive}")
     if pad_token not in PAD_CHOICES:
         raise InputError(f"--pad-token: expected one of {', '.join(PAD_CHOICES)}, got {pad_token!r}")
     try:
