@@ -24,3 +24,14 @@ def test_demo_summary_keys(tmp_path):
     assert len(list((tmp_path / "images").glob("*.png"))) == len(on_disk["generations"]) == 8 + 4
     assert len(list((tmp_path / "be").glob("*.png"))) == 12
     assert len(list((tmp_path / "ground_truth").glob("*.png"))) == 8
+
+
+def test_demo_with_a_missing_model_names_it_and_writes_nothing(tmp_path, capsys):
+    import pytest
+
+    from memlens.cli import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(["demo", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "out")])
+    assert ex.value.code == 2 and "nomodel: no model_index.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -58,8 +58,8 @@ def run_demo(out_dir: str | Path, model: str | Path | None = None, per_memorized
         # generation 6-16x slower in our measurements, while 1 thread degrades gracefully.
         torch.set_num_threads(threads)
     out = Path(out_dir)
+    pipe = load_pipeline(model)  # before anything is written: a bad --model leaves no output folder behind
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model)
     steps = steps or pipe.config.default_num_inference_steps
     guidance = guidance if guidance is not None else pipe.config.default_guidance_scale
     items = _items_by_group()
