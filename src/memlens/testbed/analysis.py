@@ -10,7 +10,6 @@ Run: python -m memlens.testbed.analysis MODEL_DIR OUT_JSON [--per-prompt N]
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -33,7 +32,9 @@ class _FullAttention:
                 probs = attn.get_attention_scores(q, k, None)
                 b = hidden_states.shape[0]
                 probs = probs.view(b, attn.heads, *probs.shape[1:]).mean(1)
-                self.store[self.name].append(probs[b // 2 :].float().cpu())  # conditional half of the CFG batch
+                # With classifier-free guidance the batch is [unconditional, conditional]; keep the conditional half.
+                keep = probs[b // 2 :] if self.flag["cfg"] else probs
+                self.store[self.name].append(keep.float().cpu())
         return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                              attention_mask=attention_mask, **kw)
 
@@ -45,7 +46,7 @@ class FullAttention:
     def __init__(self, pipe):
         self.pipe = pipe
         self.store = defaultdict(list)
-        self.flag = {"on": False}
+        self.flag = {"on": False, "cfg": True}
 
     def __enter__(self):
         self.originals = {}
@@ -57,6 +58,8 @@ class FullAttention:
         def pre(module, args, kwargs):
             t = args[1] if len(args) > 1 else kwargs["timestep"]
             self.flag["on"] = float(t) == float(self.pipe.scheduler.timesteps[-1])
+            # diffusers skips the unconditional branch at guidance <= 1; the pipeline says which it is doing
+            self.flag["cfg"] = bool(getattr(self.pipe, "do_classifier_free_guidance", True))
 
         self.hook = self.pipe.unet.register_forward_pre_hook(pre, with_kwargs=True)
         return self
@@ -153,15 +156,26 @@ def analyse(model_dir, per_prompt=4, steps=50, guidance=None, seed=0, grid=None)
     return result
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    per = int(args[args.index("--per-prompt") + 1]) if "--per-prompt" in args else 4
-    g = float(args[args.index("--guidance") + 1]) if "--guidance" in args else None
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m memlens.testbed.analysis", description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir", help="organism pipeline folder (e.g. src/memlens/testbed/weights)")
+    ap.add_argument("out_json", help="where to write the result; a grid of images and END maps goes beside it (.png)")
+    ap.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default_guidance_scale")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    r = analyse(args[0], per_prompt=per, guidance=g, grid=args[1].replace(".json", ".png"))
-    with open(args[1], "w") as f:
+    grid = str(args.out_json).removesuffix(".json") + ".png"
+    r = analyse(args.model_dir, per_prompt=args.per_prompt, guidance=args.guidance, seed=args.seed, grid=grid)
+    with open(args.out_json, "w") as f:
         json.dump(r, f, indent=1)
     print(json.dumps({k: v for k, v in r.items() if k != "blocks"}, indent=1))
     for block, res in r["blocks"].items():
         print(block, {t: (None if v["pixel_auroc"] is None else round(v["pixel_auroc"], 3)) for t, v in res.items()},
               "END mean", {k: round(x, 4) for k, x in res["END"]["mean_attention"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -45,7 +45,7 @@ def _gt_picture(item: dict) -> "Image.Image":
     return Image.fromarray((ref * shade).astype(np.uint8))
 
 
-def run_demo(out_dir: str | Path, model: str | Path | None = None, per_memorized: int = 4, per_generic: int = 2,
+def run_demo(out_dir: str | Path, model: str | Path | None = None, per_memorized: int = 8, per_generic: int = 2,
              n_generic: int = 16, steps: int | None = None, guidance: float | None = None, seed: int = 0,
              threads: int | None = 1, verbose: bool = True) -> dict:
     """Generate, probe, score; write images, BE overlays, ground truth and summary.json to `out_dir`."""
@@ -144,7 +144,7 @@ def format_summary(s: dict, out: Path) -> str:
 def demo_command(
     out: Path = typer.Option(..., "--out", help="Directory for pictures and summary.json."),
     model: Path = typer.Option(None, "--model", help="Organism directory; default: the one shipped in memlens."),
-    per_memorized: int = typer.Option(4, "--per-memorized", help="Images per memorized prompt."),
+    per_memorized: int = typer.Option(8, "--per-memorized", help="Images per memorized prompt (32 per subset at 8)."),
     per_generic: int = typer.Option(2, "--per-generic", help="Images per generic prompt."),
     steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the organism's recommendation)."),
     guidance: float = typer.Option(None, "--guidance", help="Guidance scale (default: the organism's)."),

@@ -1,0 +1,65 @@
+"""The token/block analysis behind docs/organism.md: attention capture and the named token maps."""
+
+import json
+
+import numpy as np
+import pytest
+
+from memlens.testbed.analysis import FullAttention, main, token_maps
+
+
+def test_token_maps_against_hand_computation():
+    rng = np.random.default_rng(0)
+    att = rng.random((4, 4, 8))
+    eos = 3  # BOS, two words, END, then four padding positions
+    maps = token_maps(att, eos)
+    np.testing.assert_allclose(maps["END"], att[:, :, 3])
+    np.testing.assert_allclose(maps["BOS"], att[:, :, 0])
+    np.testing.assert_allclose(maps["word_mean"], (att[:, :, 1] + att[:, :, 2]) / 2)
+    np.testing.assert_allclose(maps["padding"], att[:, :, 4:].sum(-1) / 4)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_full_attention_keeps_the_conditional_last_step(guidance):
+    import torch
+
+    from memlens.testbed import load_pipeline
+
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with FullAttention(pipe) as full:
+        pipe(["antique gold coins", "red circle"], num_inference_steps=3, guidance_scale=guidance,
+             generator=torch.Generator().manual_seed(0), output_type="np")
+    maps = full.maps()
+    n_tokens = pipe.tokenizer.model_max_length
+    assert {"down_blocks.0", "down_blocks.1"} <= set(maps)
+    side = pipe.unet.config.sample_size
+    assert maps["down_blocks.0"].shape == (2, side, side, n_tokens)  # one map per prompt, not per CFG branch
+    for arr in maps.values():  # softmax rows over the tokens
+        np.testing.assert_allclose(arr.sum(-1), 1.0, atol=1e-5)
+    # processors are restored on exit
+    assert not any(type(p).__name__ == "_FullAttention" for p in pipe.unet.attn_processors.values())
+
+
+def test_cli_writes_json_and_grid(tmp_path, monkeypatch):
+    import memlens.testbed.analysis as analysis
+
+    calls = {}
+
+    def fake_analyse(model_dir, per_prompt, guidance, seed, grid):
+        calls.update(model_dir=model_dir, per_prompt=per_prompt, guidance=guidance, seed=seed, grid=grid)
+        return {"reproduce": {"global": 1.0}, "blocks": {}}
+
+    monkeypatch.setattr(analysis, "analyse", fake_analyse)
+    out = tmp_path / "an.json"
+    main(["MODEL", str(out), "--per-prompt", "3", "--guidance", "1.5"])
+    assert json.loads(out.read_text())["reproduce"] == {"global": 1.0}
+    grid = str(tmp_path / "an.png")
+    assert calls == {"model_dir": "MODEL", "per_prompt": 3, "guidance": 1.5, "seed": 0, "grid": grid}
+
+
+def test_cli_without_arguments_prints_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "model_dir" in capsys.readouterr().err
