@@ -63,3 +63,28 @@ def test_cli_without_arguments_prints_usage(capsys):
         main([])
     assert exc.value.code == 2
     assert "model_dir" in capsys.readouterr().err
+
+
+def test_x0_trajectory_ends_at_the_pipelines_image():
+    import torch
+    from diffusers import DDIMScheduler
+
+    from memlens.testbed import load_pipeline
+    from memlens.testbed.analysis import x0_trajectory
+
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    # With alpha_bar = 1 after the last step, DDIM's last step returns its (clamped) x0 prediction exactly.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    ts, x0 = x0_trajectory(pipe, "antique gold coins", per_prompt=2, steps=4, seed=3)
+    assert ts == [int(t) for t in pipe.scheduler.timesteps] and x0.shape == (4, 2, 32, 32, 3)
+    out = pipe(["antique gold coins"], num_images_per_prompt=2, num_inference_steps=4,
+               generator=torch.Generator().manual_seed(3), output_type="np").images
+    img = out * 255
+    assert np.abs(x0[-1] - img).max() <= 1  # rounding
+    assert np.abs(x0[0] - img).mean() > 10  # while the first prediction is still far from it
+
+
+def test_trajectory_cli_rejects_an_unknown_group(tmp_path):
+    with pytest.raises(SystemExit, match="unknown group 'nope'"):
+        main(["MODEL", str(tmp_path / "t.json"), "--trajectory", "nope"])

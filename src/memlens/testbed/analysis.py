@@ -15,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from memlens.testbed.evaluation import _items_by_group, prompt_set, score_generation
+from memlens.testbed.evaluation import MATCH_CORR, _items_by_group, prompt_set, score_generation
 
 
 class _FullAttention:
@@ -91,6 +91,40 @@ def last_step_attention(pipe, prompts, per_prompt, steps, guidance, seed):
     return out.images, full.maps()
 
 
+def x0_trajectory(pipe, prompt: str, per_prompt: int = 8, steps: int | None = None, guidance: float | None = None,
+                  seed: int = 0) -> tuple[list[int], np.ndarray]:
+    """The guided x0 prediction at every sampling step, as images: (timesteps, (S, N, H, W, 3) uint8).
+
+    Read with a forward hook on the UNet (its input x_t and timestep, its epsilon output), combined as the pipeline
+    combines them, so it shows when a trajectory commits to an item (docs/organism.md, Stage 4).
+    """
+    steps = steps or pipe.config.default_num_inference_steps
+    guidance = pipe.config.default_guidance_scale if guidance is None else guidance
+    alphas = pipe.scheduler.alphas_cumprod
+    timesteps, x0s = [], []
+
+    def hook(module, args, kwargs, output):
+        x, t = args[0], (args[1] if len(args) > 1 else kwargs["timestep"])
+        eps = output[0] if isinstance(output, tuple) else output.sample
+        if getattr(pipe, "do_classifier_free_guidance", False):
+            uncond, cond = eps.chunk(2)
+            eps, x = uncond + guidance * (cond - uncond), x.chunk(2)[1]
+        a = alphas[int(t)]
+        timesteps.append(int(t))
+        x0s.append(((x - (1 - a).sqrt() * eps) / a.sqrt()).detach().clone())
+
+    handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        pipe([prompt], num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
+             generator=torch.Generator().manual_seed(seed), output_type="latent")
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        images = [pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample.clamp(-1, 1) for x0 in x0s]
+    arr = torch.stack(images).permute(0, 1, 3, 4, 2).add(1).mul(127.5).round().to(torch.uint8).numpy()
+    return timesteps, arr
+
+
 def token_maps(att: np.ndarray, eos: int) -> dict[str, np.ndarray]:
     """(h, w, T) attention of one image -> named (h, w) maps."""
     return {"END": att[..., eos], "BOS": att[..., 0], "word_mean": att[..., 1:eos].mean(-1),
@@ -156,6 +190,28 @@ def analyse(model_dir, per_prompt=4, steps=50, guidance=None, seed=0, grid=None)
     return result
 
 
+def _print_trajectory(args) -> None:
+    from memlens.testbed.evaluation import item_similarity
+    from memlens.testbed.pipeline import load_pipeline
+
+    items = _items_by_group()
+    if args.trajectory not in items:
+        raise SystemExit(f"--trajectory: unknown group {args.trajectory!r}; expected one of {', '.join(items)}")
+    own = items[args.trajectory]
+    pipe = load_pipeline(args.model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    ts, x0 = x0_trajectory(pipe, own["prompt"], per_prompt=args.per_prompt, guidance=args.guidance, seed=args.seed)
+    same_kind = [g for g, it in items.items() if it["kind"] == own["kind"]]
+    rows = []
+    for i in list(range(0, len(ts), 5)) + ([len(ts) - 1] if (len(ts) - 1) % 5 else []):
+        corr = {g: [item_similarity(img, items[g]) for img in x0[i]] for g in same_kind}
+        rows.append({"t": ts[i], "mean_corr": {g: round(float(np.mean(c)), 3) for g, c in corr.items()},
+                     "own_copies": int(sum(c >= MATCH_CORR for c in corr[args.trajectory]))})
+        print(rows[-1])
+    with open(args.out_json, "w") as f:
+        json.dump({"group": args.trajectory, "per_prompt": args.per_prompt, "rows": rows}, f, indent=1)
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -165,8 +221,13 @@ def main(argv=None) -> None:
     ap.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default_guidance_scale")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trajectory", metavar="GROUP", default=None,
+                    help="instead: follow GROUP's prompt through sampling and print, every 5 steps, the x0 prediction's "
+                         "mean correlation with each memorized item of its kind")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.trajectory:
+        return _print_trajectory(args)
     grid = str(args.out_json).removesuffix(".json") + ".png"
     r = analyse(args.model_dir, per_prompt=args.per_prompt, guidance=args.guidance, seed=args.seed, grid=grid)
     with open(args.out_json, "w") as f:
