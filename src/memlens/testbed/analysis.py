@@ -4,7 +4,7 @@ The probe reads one token (the end token) from one block. This analysis keeps th
 (all tokens) of every cross-attention block, so the end token can be compared with BOS, the mean over the prompt's
 words and the padding after the end token, and down_blocks.0 with down_blocks.1 and the others.
 
-Run: python -m memlens.testbed.analysis MODEL_DIR OUT_JSON [--per-prompt N]
+Run: python -m memlens.testbed.analysis MODEL_DIR OUT_JSON [--per-prompt N] [--guidance G] [--trajectory GROUP]
 """
 
 from __future__ import annotations
