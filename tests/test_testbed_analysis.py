@@ -88,3 +88,10 @@ def test_x0_trajectory_ends_at_the_pipelines_image():
 def test_trajectory_cli_rejects_an_unknown_group(tmp_path):
     with pytest.raises(SystemExit, match="unknown group 'nope'"):
         main(["MODEL", str(tmp_path / "t.json"), "--trajectory", "nope"])
+
+
+def test_cli_with_a_folder_that_is_no_model_names_it(tmp_path):
+    out = tmp_path / "an.json"
+    with pytest.raises(SystemExit, match="nomodel: no model_index.json"):
+        main([str(tmp_path / "nomodel"), str(out)])
+    assert not out.exists()

@@ -226,10 +226,15 @@ def main(argv=None) -> None:
                          "mean correlation with each memorized item of its kind")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if args.trajectory:
-        return _print_trajectory(args)
-    grid = str(args.out_json).removesuffix(".json") + ".png"
-    r = analyse(args.model_dir, per_prompt=args.per_prompt, guidance=args.guidance, seed=args.seed, grid=grid)
+    from memlens.errors import InputError
+
+    try:
+        if args.trajectory:
+            return _print_trajectory(args)
+        grid = str(args.out_json).removesuffix(".json") + ".png"
+        r = analyse(args.model_dir, per_prompt=args.per_prompt, guidance=args.guidance, seed=args.seed, grid=grid)
+    except InputError as e:  # e.g. a folder that is not an organism: say which, without a traceback
+        raise SystemExit(f"error: {e}") from None
     with open(args.out_json, "w") as f:
         json.dump(r, f, indent=1)
     print(json.dumps({k: v for k, v in r.items() if k != "blocks"}, indent=1))
