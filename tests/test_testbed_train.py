@@ -92,6 +92,27 @@ def test_end_contrastive_option_trains_resumes_exactly_and_leaves_init_alone(dat
     assert "matcher" in w1 and "matcher" not in w0
 
 
+def test_init_from_starts_at_the_given_organism_and_checks_it_fits(data, tmp_path):
+    from memlens.testbed.pipeline import load_pipeline
+
+    first = train(data, tmp_path / "first", _tiny(5), progress=False)
+    # lr 0 (AdamW's decay scales with lr too): the second phase's weights stay where --init-from put them
+    second = train(data, tmp_path / "second", _tiny(3, lr=0.0, init_from=str(first)), progress=False)
+    a, b = load_pipeline(first), load_pipeline(second)
+    for name in ("unet", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    fresh = _weights(train(data, tmp_path / "fresh", _tiny(1, lr=0.0), progress=False))
+    loaded = b.unet.state_dict()
+    assert not all(torch.equal(v, loaded[k]) for k, v in fresh["unet"].items())  # a fresh init is elsewhere
+    assert json.loads((second / "train_config.json").read_text())["init_from"] == str(first)
+    with pytest.raises(InputError, match=r"--init-from .*unet does not fit.*first mismatch"):
+        train(data, tmp_path / "wide", _tiny(1, unet_channels=[16, 16, 16], init_from=str(first)), progress=False)
+    other = make_dataset(tmp_path / "other", seed=2, n_generic=5, copies=1)
+    with pytest.raises(InputError, match="vocabulary differs"):
+        train(other, tmp_path / "vocab", _tiny(1, init_from=str(first)), progress=False)
+
+
 def test_caption_matcher_counts_copies_as_positives():
     from memlens.testbed.train import CaptionMatcher
 

@@ -59,6 +59,8 @@ def train_command(
     end_contrastive: float = typer.Option(0.0, "--end-contrastive", help="Weight of a CLIP-style loss tying the "
                                           "pooled end-token output to its image (0 = off; an experiment, see "
                                           "docs/organism.md)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this organism "
+                                             "folder (same data and architecture) instead of a fresh init."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -85,6 +87,7 @@ def train_command(
         unet_heads=unet_heads, factor=factor, schedule=schedule,
         text_width=text_width, text_layers=text_layers, pad_token=pad_token, end_contrastive=end_contrastive,
         threads=threads, filter=filter, filter_threshold=threshold,
+        init_from=str(init_from) if init_from is not None else None,
     )
     path = train(data, out, config, resume=resume, progress=progress)
     typer.echo(f"wrote {path}")

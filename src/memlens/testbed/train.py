@@ -64,6 +64,9 @@ class TrainConfig:
     # contrastive loss is what makes END the prompt's summary in Stable Diffusion's text encoder; this tries the same
     # pressure here. It reads images and captions only, never attention or masks.
     end_contrastive: float = 0.0
+    # Start from the weights of an organism folder (its saved EMA pipeline) instead of a fresh init: a second,
+    # low-lr phase after a first run. The architecture and the tokenizer's vocabulary must match.
+    init_from: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -231,6 +234,24 @@ def save_ema_pipeline(pipe: OrganismPipeline, ema: EMA, target: Path) -> None:
             v.copy_(raw[k])
 
 
+def _load_initial_weights(pipe: OrganismPipeline, tokenizer, source: Path) -> None:
+    """Copy UNet and text-encoder weights from the organism in `source` into `pipe`, checking they fit."""
+    from memlens.testbed.pipeline import load_pipeline
+
+    init = load_pipeline(source)
+    if init.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise InputError(f"--init-from {source}: its tokenizer's vocabulary differs from the one built from this "
+                         "dataset's captions; continue training on the data the model was trained on")
+    for name in ("unet", "text_encoder"):
+        mine, theirs = getattr(pipe, name).state_dict(), getattr(init, name).state_dict()
+        bad = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape] + \
+              [k for k in theirs if k not in mine]
+        if bad:
+            raise InputError(f"--init-from {source}: {name} does not fit this run's architecture options "
+                             f"(first mismatch: {bad[0]}); use the options the model was trained with")
+        getattr(pipe, name).load_state_dict(theirs)
+
+
 # ---------------------------------------------------------------- main loop
 def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, stop_after: int | None = None) -> Path:
@@ -273,6 +294,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
                           text_layers=config.text_layers, unet_channels=tuple(config.unet_channels),
                           unet_heads=config.unet_heads, factor=config.factor,
                           schedule=config.schedule)
+    if config.init_from and not resume:
+        _load_initial_weights(pipe, tokenizer, Path(config.init_from))
     unet, text_encoder, vae, sched = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
     ids = tokenize(tokenizer, data.captions)
     empty_ids = tokenize(tokenizer, [""])[0]
