@@ -58,6 +58,11 @@ def test_cli_make_data_and_train(tmp_path):
     from memlens.testbed.pipeline import EOS, load_pipeline
 
     assert load_pipeline(tmp_path / "m").tokenizer.pad_token == EOS
+    main(["testbed", "train", "--data", str(data), "--out", str(tmp_path / "m2"), "--steps", "1",
+          "--batch-size", "4", "--unet-channels", "8,16,16", "--text-width", "32", "--text-layers", "1",
+          "--pad-token", "eos", "--init-from", str(tmp_path / "m"), "--lr", "0", "--no-progress"])
+    first, second = load_pipeline(tmp_path / "m").unet.state_dict(), load_pipeline(tmp_path / "m2").unet.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # lr 0: the second phase starts where the first ended
 
 
 def test_bad_metadata_names_line_and_field(tmp_path):

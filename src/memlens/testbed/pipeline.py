@@ -32,8 +32,9 @@ BOS, EOS, UNK, PAD = "<|startoftext|>", "<|endoftext|>", "<|unk|>", "<|pad|>"
 PAD_CHOICES = ("eos", "pad")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-# Recommended sampling settings for the shipped organism; guidance 7.5 (SD's default) over-guides a model this small.
-DEFAULT_GUIDANCE = 2.0
+# Recommended sampling settings for the shipped organism: guidance 7.5 (SD's default) over-guides a model this
+# small, and above 1.5 classifier-free guidance pushes samples into a neighbouring memorized item (docs/organism.md).
+DEFAULT_GUIDANCE = 1.5
 DEFAULT_STEPS = 50
 
 
