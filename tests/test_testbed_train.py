@@ -113,6 +113,9 @@ def test_init_from_starts_at_the_given_organism_and_checks_it_fits(data, tmp_pat
     assert json.loads((second / "train_config.json").read_text())["init_from"] == str(first)
     with pytest.raises(InputError, match=r"--init-from .*unet does not fit.*first mismatch"):
         train(data, tmp_path / "wide", _tiny(1, unet_channels=[16, 16, 16], init_from=str(first)), progress=False)
+    assert not (tmp_path / "wide").exists()  # a refused start leaves no half-made run folder behind
+    with pytest.raises(InputError, match=r"--init-from .*missing: no model_index.json"):
+        train(data, tmp_path / "nothing", _tiny(1, init_from=str(tmp_path / "missing")), progress=False)
     other = make_dataset(tmp_path / "other", seed=2, n_generic=5, copies=1)
     with pytest.raises(InputError, match="vocabulary differs"):
         train(other, tmp_path / "vocab", _tiny(1, init_from=str(first)), progress=False)

@@ -238,6 +238,9 @@ def _load_initial_weights(pipe: OrganismPipeline, tokenizer, source: Path) -> No
     """Copy UNet and text-encoder weights from the organism in `source` into `pipe`, checking they fit."""
     from memlens.testbed.pipeline import load_pipeline
 
+    if not (source / "model_index.json").is_file():
+        raise InputError(f"--init-from {source}: no model_index.json; expected the output folder of an earlier "
+                         "`memlens testbed train`")
     init = load_pipeline(source)
     if init.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise InputError(f"--init-from {source}: its tokenizer's vocabulary differs from the one built from this "
@@ -284,18 +287,20 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     else:
-        out.mkdir(parents=True, exist_ok=True)
         tokenizer = build_tokenizer(data.captions, config.max_length, config.pad_token)
-        tokenizer.save_pretrained(str(tok_dir))
-        cfg_path.write_text(json.dumps(asdict(config), indent=1))
 
     torch.manual_seed(config.seed)
     pipe = build_pipeline(tokenizer, resolution=config.resolution, text_width=config.text_width,
                           text_layers=config.text_layers, unet_channels=tuple(config.unet_channels),
                           unet_heads=config.unet_heads, factor=config.factor,
                           schedule=config.schedule)
-    if config.init_from and not resume:
-        _load_initial_weights(pipe, tokenizer, Path(config.init_from))
+    if not resume:
+        if config.init_from:
+            _load_initial_weights(pipe, tokenizer, Path(config.init_from))
+        # Only now, with the inputs checked, does the run leave anything in `out`.
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(tok_dir))
+        cfg_path.write_text(json.dumps(asdict(config), indent=1))
     unet, text_encoder, vae, sched = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
     ids = tokenize(tokenizer, data.captions)
     empty_ids = tokenize(tokenizer, [""])[0]
