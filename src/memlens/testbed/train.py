@@ -238,10 +238,10 @@ def _load_initial_weights(pipe: OrganismPipeline, tokenizer, source: Path) -> No
     """Copy UNet and text-encoder weights from the organism in `source` into `pipe`, checking they fit."""
     from memlens.testbed.pipeline import load_pipeline
 
-    if not (source / "model_index.json").is_file():
-        raise InputError(f"--init-from {source}: no model_index.json; expected the output folder of an earlier "
-                         "`memlens testbed train`")
-    init = load_pipeline(source)
+    try:
+        init = load_pipeline(source)
+    except InputError as ex:  # load_pipeline names the folder; say which option it came from
+        raise InputError(f"--init-from {ex}") from None
     if init.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise InputError(f"--init-from {source}: its tokenizer's vocabulary differs from the one built from this "
                          "dataset's captions; continue training on the data the model was trained on")
