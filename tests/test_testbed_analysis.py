@@ -46,8 +46,8 @@ def test_cli_writes_json_and_grid(tmp_path, monkeypatch):
 
     calls = {}
 
-    def fake_analyse(model_dir, per_prompt, guidance, seed, grid):
-        calls.update(model_dir=model_dir, per_prompt=per_prompt, guidance=guidance, seed=seed, grid=grid)
+    def fake_analyse(model_dir, per_prompt, steps, guidance, seed, grid):
+        calls.update(model_dir=model_dir, per_prompt=per_prompt, steps=steps, guidance=guidance, seed=seed, grid=grid)
         return {"reproduce": {"global": 1.0}, "blocks": {}}
 
     monkeypatch.setattr(analysis, "analyse", fake_analyse)
@@ -55,7 +55,10 @@ def test_cli_writes_json_and_grid(tmp_path, monkeypatch):
     main(["MODEL", str(out), "--per-prompt", "3", "--guidance", "1.5"])
     assert json.loads(out.read_text())["reproduce"] == {"global": 1.0}
     grid = str(tmp_path / "an.png")
-    assert calls == {"model_dir": "MODEL", "per_prompt": 3, "guidance": 1.5, "seed": 0, "grid": grid}
+    # Unset steps and guidance reach analyse as None, so it takes the pipeline's recommendation.
+    assert calls == {"model_dir": "MODEL", "per_prompt": 3, "steps": None, "guidance": 1.5, "seed": 0, "grid": grid}
+    main(["MODEL", str(out), "--steps", "7"])
+    assert calls["steps"] == 7 and calls["guidance"] is None
 
 
 def test_cli_without_arguments_prints_usage(capsys):

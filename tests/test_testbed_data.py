@@ -99,3 +99,40 @@ def test_memorized_items_api():
 def test_refuses_non_empty_dir(small):
     with pytest.raises(InputError, match="not empty"):
         make_dataset(small, seed=3, n_generic=1, copies=1)
+
+
+def test_copies_of_overrides_one_group(small, tmp_path):
+    from collections import Counter
+
+    out = make_dataset(tmp_path / "w", seed=3, n_generic=40, copies=4, copies_of={"colorwheel": 9})
+    per_group = Counter(r["group"] for r in _rows(out) if r["kind"] != "generic")
+    assert per_group == {it.group: 9 if it.group == "colorwheel" else 4 for it in ITEMS}
+    mem = {m["group"]: m["copies"] for m in map(json.loads, (out / "memorized.jsonl").read_text().splitlines())}
+    assert mem == dict(per_group)
+    # Rows written before the overridden item are those of the plain dataset, byte for byte.
+    first_changed = next(i for i, r in enumerate(_rows(out)) if r["group"] == "colorwheel")
+    for r in _rows(small)[:first_changed]:
+        assert (out / r["file_name"]).read_bytes() == (small / r["file_name"]).read_bytes()
+
+
+def test_copies_of_errors_name_the_field(tmp_path):
+    with pytest.raises(InputError, match=r"unknown item group\(s\) \['wheel'\].*colorwheel"):
+        make_dataset(tmp_path / "x", seed=3, n_generic=2, copies=2, copies_of={"wheel": 3})
+    with pytest.raises(InputError, match="at least 1 row.*'brick': 0"):
+        make_dataset(tmp_path / "y", seed=3, n_generic=2, copies=2, copies_of={"brick": 0})
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_copies_of_cli(tmp_path, capsys):
+    from memlens.cli import main
+
+    out = tmp_path / "cli"
+    main(["testbed", "make-data", "--out", str(out), "--n-generic", "3", "--copies", "2",
+          "--copies-of", "rocket=5", "--copies-of", "logo=1"])
+    rows = _rows(out)
+    assert sum(r["group"] == "rocket" for r in rows) == 5 and sum(r["group"] == "logo" for r in rows) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["testbed", "make-data", "--out", str(tmp_path / "bad"), "--copies-of", "rocket5"])
+    assert exit_info.value.code == 2
+    assert "--copies-of 'rocket5': expected GROUP=N" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -90,3 +90,17 @@ def test_shipped_organism_loads_offline_and_probe_attaches():
     assert rec.be_map.shape == (latent, latent) and np.isfinite(rec.be_map).all()
     assert rec.eos_index == len(ITEMS[0].prompt.split()) + 1
     assert rec.magnitude.shape == (3,)
+
+
+def test_recommended_defaults_are_used_and_match_the_shipped_folder(tiny):
+    from memlens.testbed.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    # A freshly trained organism records the module's defaults; the shipped one must say the same, or the documented
+    # from-scratch reproduction would sample differently from the shipped weights.
+    shipped = load_pipeline().config
+    assert (shipped.default_guidance_scale, shipped.default_num_inference_steps) == (DEFAULT_GUIDANCE, DEFAULT_STEPS)
+    seen = []
+    tiny(["a red circle on blue"], generator=torch.Generator().manual_seed(0), output_type="latent",
+         callback_on_step_end=lambda pipe, i, t, kw: seen.append((int(t), pipe.guidance_scale)) or kw)
+    assert len(seen) == tiny.config.default_num_inference_steps == DEFAULT_STEPS
+    assert {g for _, g in seen} == {DEFAULT_GUIDANCE} and seen[-1][0] == 1

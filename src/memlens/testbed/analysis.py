@@ -147,12 +147,13 @@ def _save_grid(images, end_maps, per_prompt, path) -> None:
     sheet.resize((sheet.width * 3, sheet.height * 3), Image.NEAREST).save(path)
 
 
-def analyse(model_dir, per_prompt=4, steps=50, guidance=None, seed=0, grid=None) -> dict:
+def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=None) -> dict:
     from memlens.testbed.evaluation import detection, localization
     from memlens.testbed.pipeline import load_pipeline, tokenize
 
     pipe = load_pipeline(model_dir)
     guidance = guidance if guidance is not None else pipe.config.default_guidance_scale
+    steps = steps or pipe.config.default_num_inference_steps
     items = _items_by_group()
     prompts = prompt_set()
     texts = [p.text for p in prompts]
@@ -200,7 +201,8 @@ def _print_trajectory(args) -> None:
     own = items[args.trajectory]
     pipe = load_pipeline(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
-    ts, x0 = x0_trajectory(pipe, own["prompt"], per_prompt=args.per_prompt, guidance=args.guidance, seed=args.seed)
+    ts, x0 = x0_trajectory(pipe, own["prompt"], per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
+                           seed=args.seed)
     same_kind = [g for g, it in items.items() if it["kind"] == own["kind"]]
     rows = []
     for i in list(range(0, len(ts), 5)) + ([len(ts) - 1] if (len(ts) - 1) % 5 else []):
@@ -220,6 +222,7 @@ def main(argv=None) -> None:
     ap.add_argument("out_json", help="where to write the result; a grid of images and END maps goes beside it (.png)")
     ap.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default_guidance_scale")
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps; default: the pipeline's recommendation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trajectory", metavar="GROUP", default=None,
                     help="instead: follow GROUP's prompt through sampling and print, every 5 steps, the x0 prediction's "
@@ -232,7 +235,8 @@ def main(argv=None) -> None:
         if args.trajectory:
             return _print_trajectory(args)
         grid = str(args.out_json).removesuffix(".json") + ".png"
-        r = analyse(args.model_dir, per_prompt=args.per_prompt, guidance=args.guidance, seed=args.seed, grid=grid)
+        r = analyse(args.model_dir, per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
+                    seed=args.seed, grid=grid)
     except InputError as e:  # e.g. a folder that is not an organism: say which, without a traceback
         raise SystemExit(f"error: {e}") from None
     with open(args.out_json, "w") as f:

@@ -16,13 +16,28 @@ def make_data_command(
     seed: int = typer.Option(0, "--seed", help="Seed; the dataset is a pure function of it and the sizes."),
     n_generic: int = typer.Option(20000, "--n-generic", help="Number of distinct generic scenes."),
     copies: int = typer.Option(2000, "--copies", help="Rows per memorized item (global image or local template)."),
+    copies_of: list[str] = typer.Option(
+        [], "--copies-of", metavar="GROUP=N", help="Rows for one item group instead of --copies; repeatable."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
 ) -> None:
     """Write the synthetic dataset with planted global and local memorization (and ground-truth masks)."""
     from memlens.testbed.data import make_dataset
 
-    path = make_dataset(out, seed=seed, n_generic=n_generic, copies=copies, overwrite=overwrite)
+    path = make_dataset(out, seed=seed, n_generic=n_generic, copies=copies, overwrite=overwrite,
+                        copies_of=_parse_copies_of(copies_of))
     typer.echo(f"wrote {path}/metadata.jsonl and {path}/memorized.jsonl")
+
+
+def _parse_copies_of(values: list[str]) -> dict[str, int]:
+    from memlens.errors import InputError
+
+    parsed: dict[str, int] = {}
+    for value in values:
+        group, sep, count = value.partition("=")
+        if not sep or not count.strip().isdigit():
+            raise InputError(f"--copies-of {value!r}: expected GROUP=N with N a whole number, e.g. colorwheel=4000")
+        parsed[group.strip()] = int(count)
+    return parsed
 
 
 @app.command("train")

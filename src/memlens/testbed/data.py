@@ -22,6 +22,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from PIL import Image
@@ -210,19 +211,34 @@ def _check_vocabularies() -> None:
 
 
 # ---------------------------------------------------------------- writer
+def _copies_per_group(copies: int, copies_of: Mapping[str, int]) -> dict[str, int]:
+    groups = [it.group for it in ITEMS]
+    unknown = sorted(set(copies_of) - set(groups))
+    if unknown:
+        raise InputError(f"copies_of: unknown item group(s) {unknown}; the groups are {groups}")
+    counts = {g: int(copies_of.get(g, copies)) for g in groups}
+    bad = {g: n for g, n in counts.items() if n < 1}
+    if bad:
+        raise InputError(f"copies: every memorized item needs at least 1 row, got {bad}")
+    return counts
+
+
 def make_dataset(
     out_dir: str | Path,
     seed: int = 0,
     n_generic: int = 20000,
     copies: int = 2000,
     overwrite: bool = False,
+    copies_of: Mapping[str, int] | None = None,
 ) -> Path:
     """Write the dataset to `out_dir` (imagefolder layout) and return the path.
 
-    `copies` is how many rows each memorized item gets (global: the same image; local: the patch on a new scene).
+    `copies` is how many rows each memorized item gets (global: the same image; local: the patch on a new scene);
+    `copies_of` overrides it per item group (how often an item is seen is one lever on how exactly it is memorized).
     The output is a pure function of the arguments.
     """
     _check_vocabularies()
+    counts = _copies_per_group(copies, copies_of or {})
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -251,9 +267,10 @@ def make_dataset(
         Image.fromarray(it["reference"]).save(out / ref_name)
         Image.fromarray(it["mask"].astype(np.uint8) * 255).save(out / mask_name)
         mem_records.append({"group": item.group, "kind": item.kind, "prompt": item.prompt, "source": item.source,
-                            "box": list(item.box) if item.box else None, "reference": ref_name, "mask": mask_name})
+                            "box": list(item.box) if item.box else None, "reference": ref_name, "mask": mask_name,
+                            "copies": counts[item.group]})
         content = item_content(item)
-        for _ in range(copies):
+        for _ in range(counts[item.group]):
             img = content if item.kind == "global" else local_sample(item, rng)
             row = {"text": item.prompt, "kind": item.kind, "group": item.group}
             if item.kind == "local":
