@@ -35,7 +35,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Recommended sampling settings for the shipped organism, chosen on a sweep (docs/organism.md, Stages 5 and 6):
 # guidance 7.5 (SD's default) over-guides a model this small, and above 1.5 classifier-free guidance pushes samples
 # into a neighbouring memorized item; with 50 DDIM steps a local template the first steps drew is often lost in the
-# mid-noise steps, 30 keeps it.
+# mid-noise steps, 30 keeps more of it.
 DEFAULT_GUIDANCE = 1.5
 DEFAULT_STEPS = 30
 
