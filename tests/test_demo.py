@@ -35,3 +35,29 @@ def test_demo_with_a_missing_model_names_it_and_writes_nothing(tmp_path, capsys)
         main(["demo", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "out")])
     assert ex.value.code == 2 and "nomodel: no model_index.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_zero_steps_before_writing(tmp_path, capsys):
+    import pytest
+
+    from memlens.cli import main
+
+    # 0 used to fall through to the organism's default silently; it is a usage error naming the option.
+    with pytest.raises(SystemExit) as ex:
+        main(["demo", "--steps", "0", "--out", str(tmp_path / "out")])
+    assert ex.value.code == 2 and "--steps" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_of_range_options_are_usage_errors_in_every_command(capsys):
+    import pytest
+
+    from memlens.cli import main
+
+    # Typer's own (vendored) click exceptions once escaped `main` as tracebacks; each command must print usage.
+    for argv in (["scan", "--prompts", "p.txt", "--model", "m", "--out", "o", "--steps", "0"],
+                 ["testbed", "make-data", "--out", "o", "--seed", "x"]):
+        with pytest.raises(SystemExit) as ex:
+            main(argv)
+        assert ex.value.code == 2
+        assert "Invalid value for '--" in capsys.readouterr().err

@@ -98,3 +98,12 @@ def test_cli_with_a_folder_that_is_no_model_names_it(tmp_path):
     with pytest.raises(SystemExit, match="nomodel: no model_index.json"):
         main([str(tmp_path / "nomodel"), str(out)])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "ten"])
+def test_cli_refuses_steps_below_one(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["MODEL", str(tmp_path / "an.json"), "--steps", bad])
+    assert exc.value.code == 2
+    assert f"--steps: expected a whole number >= 1, got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "an.json").exists()

@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("memlens: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as ex:  # click usage errors
-        import click
-
-        if isinstance(ex, click.ClickException):
+    except Exception as ex:  # usage errors (bad option values): a message, not a traceback
+        # Recent Typer releases raise their own vendored copy of click's exceptions, which are not
+        # click.ClickException; both kinds carry click's `show()` and `exit_code`.
+        if callable(getattr(ex, "show", None)) and isinstance(getattr(ex, "exit_code", None), int):
             ex.show()
             sys.exit(ex.exit_code)
         raise

@@ -9,6 +9,7 @@ Run: python -m memlens.testbed.analysis MODEL_DIR OUT_JSON [--per-prompt N] [--g
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import defaultdict
 
@@ -214,15 +215,19 @@ def _print_trajectory(args) -> None:
         json.dump({"group": args.trajectory, "per_prompt": args.per_prompt, "rows": rows}, f, indent=1)
 
 
-def main(argv=None) -> None:
-    import argparse
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m memlens.testbed.analysis", description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", help="organism pipeline folder (e.g. src/memlens/testbed/weights)")
     ap.add_argument("out_json", help="where to write the result; a grid of images and END maps goes beside it (.png)")
     ap.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default_guidance_scale")
-    ap.add_argument("--steps", type=int, default=None, help="DDIM steps; default: the pipeline's recommendation")
+    ap.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps; default: the pipeline's recommendation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trajectory", metavar="GROUP", default=None,
                     help="instead: follow GROUP's prompt through sampling and print, every 5 steps, the x0 prediction's "

@@ -146,7 +146,7 @@ def demo_command(
     model: Path = typer.Option(None, "--model", help="Organism directory; default: the one shipped in memlens."),
     per_memorized: int = typer.Option(8, "--per-memorized", help="Images per memorized prompt (32 per subset at 8)."),
     per_generic: int = typer.Option(2, "--per-generic", help="Images per generic prompt."),
-    steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the organism's recommendation)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="DDIM steps (default: the organism's recommendation)."),
     guidance: float = typer.Option(None, "--guidance", help="Guidance scale (default: the organism's)."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(1, "--threads", help="torch threads; 1 (default) is fastest on a busy machine."),
