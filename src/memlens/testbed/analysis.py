@@ -227,7 +227,8 @@ def main(argv=None) -> None:
     ap.add_argument("out_json", help="where to write the result; a grid of images and END maps goes beside it (.png)")
     ap.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default_guidance_scale")
-    ap.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps; default: the pipeline's recommendation")
+    ap.add_argument("--steps", type=_positive_int, default=None,
+                    help="DDIM steps; default: the pipeline's recommendation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trajectory", metavar="GROUP", default=None,
                     help="instead: follow GROUP's prompt through sampling and print, every 5 steps, the x0 prediction's "
