@@ -189,17 +189,23 @@ def make_scheduler(schedule: str = "sd") -> DDIMScheduler:
     )
 
 
+def build_text_encoder(tokenizer, width: int = 128, layers: int = 3, heads: int = 4) -> CLIPTextModel:
+    """A freshly initialised causal CLIP text encoder over `tokenizer`'s vocabulary; its pooled output is the
+    hidden state at the first EOS (the end token), as in CLIP."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def build_pipeline(tokenizer, resolution: int = 32, text_width: int = 128, text_layers: int = 3,
                    text_heads: int = 4, unet_channels: tuple = (64, 64, 64), unet_heads: int = 4,
                    factor: int = 4, schedule: str = "sd") -> OrganismPipeline:
     """A freshly initialised organism around `tokenizer`."""
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,
-        num_hidden_layers=text_layers, num_attention_heads=text_heads,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=text_width,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = build_text_encoder(tokenizer, text_width, text_layers, text_heads)
     vae = PixelShuffleVAE(in_channels=3, factor=factor,
                           block_out_channels=tuple(3 * 4**i for i in range(int(factor).bit_length())))
     latent_channels = vae.latent_channels
