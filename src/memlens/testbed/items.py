@@ -125,36 +125,54 @@ def generic_captions(dataset_dir: str | Path, n: int, seed: int = 12345) -> list
     return [unique[i] for i in sorted(pick)]
 
 
-def write_ground_truth(dataset_dir: str | Path, organism_dir: str | Path, n_generic: int = 64) -> Path:
-    """Copy a dataset's planted items (`memorized.jsonl` and the files it names) into `organism_dir/ground_truth/`,
-    with a fixed sample of its generic captions. Written to a temporary folder and renamed, so it is whole or absent.
-    """
+def ground_truth_from_dataset(dataset_dir: str | Path, n_generic: int = 64) -> GroundTruth:
+    """The planted items a dataset declares (`memorized.jsonl` and the files it names) and a fixed sample of its
+    generic captions."""
     src = Path(dataset_dir)
     rows_path = src / "memorized.jsonl"
     if not rows_path.is_file():
         raise InputError(f"{rows_path}: not found; the dataset does not say which items it plants")
+    items = []
+    for lineno, line in enumerate(rows_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{rows_path}:{lineno}"
+        row = json.loads(line)
+        arrays = {}
+        for key in ("reference", "mask"):
+            path = src / _field(row, key, where, str)
+            if not path.is_file():
+                raise InputError(f"{where}: field `{key}`: {path} does not exist")
+            arrays[key] = np.asarray(Image.open(path))
+        box = row.get("box")
+        items.append(PlantedItem(_field(row, "group", where, str), _field(row, "kind", where, str),
+                                 _field(row, "prompt", where, str), tuple(box) if box else None, row.get("copies"),
+                                 arrays["reference"][..., :3], arrays["mask"] > 127))
+    return GroundTruth(items, generic_captions(src, n_generic))
+
+
+def save_ground_truth(truth: GroundTruth, organism_dir: str | Path) -> Path:
+    """Write `truth` as `organism_dir/ground_truth/`: to a temporary folder, then renamed, so it is whole or absent."""
     final = Path(organism_dir) / GROUND_TRUTH
     tmp = final.with_name(GROUND_TRUTH + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "references").mkdir(parents=True)
     (tmp / "masks").mkdir()
-    out_rows = []
-    for lineno, line in enumerate(rows_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        where = f"{rows_path}:{lineno}"
-        group = _field(row, "group", where, str)
-        for key, folder in (("reference", "references"), ("mask", "masks")):
-            path = src / _field(row, key, where, str)
-            if not path.is_file():
-                raise InputError(f"{where}: field `{key}`: {path} does not exist")
-            shutil.copyfile(path, tmp / folder / f"{group}.png")
-        out_rows.append({**{k: row.get(k) for k in ("group", "kind", "prompt", "box", "copies")},
-                         "reference": f"references/{group}.png", "mask": f"masks/{group}.png"})
-    (tmp / ITEMS_FILE).write_text("".join(json.dumps(r) + "\n" for r in out_rows))
-    (tmp / GENERIC_FILE).write_text("".join(c + "\n" for c in generic_captions(src, n_generic)))
+    rows = []
+    for it in truth.items:
+        Image.fromarray(np.asarray(it.reference, np.uint8)).save(tmp / "references" / f"{it.group}.png")
+        Image.fromarray(it.mask.astype(np.uint8) * 255).save(tmp / "masks" / f"{it.group}.png")
+        rows.append({"group": it.group, "kind": it.kind, "prompt": it.prompt,
+                     "box": list(it.box) if it.box else None, "copies": it.copies,
+                     "reference": f"references/{it.group}.png", "mask": f"masks/{it.group}.png"})
+    (tmp / ITEMS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / GENERIC_FILE).write_text("".join(c + "\n" for c in truth.generic_prompts))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def write_ground_truth(dataset_dir: str | Path, organism_dir: str | Path, n_generic: int = 64) -> Path:
+    """Copy a dataset's planted items and a sample of its generic captions into `organism_dir/ground_truth/`."""
+    return save_ground_truth(ground_truth_from_dataset(dataset_dir, n_generic), organism_dir)
