@@ -279,6 +279,9 @@ def tiny_flux_pipeline(seed: int = 0, model_max_length: int = 16):
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+    # FluxPipeline hard-codes default_sample_size = 128 (a 1024 px default for the real VAE). On this x2 VAE that
+    # would be a 256 px image with 4096 image tokens; a 32 px default keeps pipe(prompt) as quick as the others.
+    pipe.default_sample_size = 16
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
