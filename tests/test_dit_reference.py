@@ -75,6 +75,20 @@ def test_reference_attention_equals_what_the_model_computes(pipes, family, size)
         assert (h, w) == (size[0] // f, size[1] // f) and h != w
 
 
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_parity_holds_after_fuse_qkv_projections(family):
+    # Fusing swaps SD3/PixArt processors for fused classes and adds to_qkv/to_added_qkv; the unfused projections stay
+    # and hold the same weights, so sites (found by module, not processor class) and the recomputation still hold.
+    pipe = tiny_dit_pipeline(family)
+    pipe.transformer.fuse_qkv_projections()
+    sites, calls, _ = _record(pipe, family)
+    call = R.steps_of(calls)[-1][0]
+    for site in sites:
+        got = R.site_attention(site, call.sites[site.name], call.num_text)
+        image, _ = R.module_outputs(site, call.sites[site.name], call.num_text)
+        assert torch.allclose(got.image_output, image, atol=1e-5, rtol=0)
+
+
 def test_flux_key_order_is_the_one_the_model_uses(pipes):
     # RoPE rows are aligned with the concatenated sequence, so assuming the wrong order changes q/k rotations.
     pipe = pipes["flux"]
@@ -230,6 +244,11 @@ def test_sd3_skip_layer_calls_stay_with_their_step(pipes):
     steps = R.steps_of(calls)
     assert len(steps) == 4
     assert [len(s) for s in steps] == [cfg.calls_per_step(i) for i in range(4)]
+    for i, step_calls in enumerate(steps):
+        for role, call in zip(cfg.call_roles(i), step_calls):
+            assert (role == "cond_skip_layers") == (call.skip_layers is not None)
+            rows = cfg.conditional_rows(role, call.batch)
+            assert rows is None or rows.stop - rows.start == len(PROMPTS)
     grid = _grid("sd3", steps[-1][0], pipe)
     d, _ = R.magnitudes(pipe, calls, cfg, torch.ones(len(PROMPTS), *grid), pipe.transformer.config.patch_size)
     assert d.shape == (len(PROMPTS), 4)

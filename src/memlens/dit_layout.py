@@ -236,8 +236,29 @@ class CFGLayout:
     extra_cond_steps: tuple[int, ...] = ()
 
     def calls_per_step(self, step: int) -> int:
-        base = 2 if self.mode == "calls" else 1
-        return base + (1 if step in self.extra_cond_steps else 0)
+        return len(self.call_roles(step))
+
+    def call_roles(self, step: int) -> list[str]:
+        """What each transformer call of step `step` is, in call order: "uncond+cond" (a CFG batch), "cond",
+        "uncond", or "cond_skip_layers" (SD3 SLG's extra call; its attention is of a truncated network)."""
+        if self.mode == "batch":
+            roles = ["uncond+cond"]
+        elif self.mode == "calls":
+            roles = ["cond", "uncond"] if self.cond_first else ["uncond", "cond"]
+        else:
+            roles = ["cond"]
+        if step in self.extra_cond_steps:
+            roles.append("cond_skip_layers")
+        return roles
+
+    @staticmethod
+    def conditional_rows(role: str, batch: int) -> slice | None:
+        """The rows of a call with this role that hold the conditional images (None: the call has none to read)."""
+        if role == "uncond+cond":
+            return slice(batch // 2, batch)
+        if role == "cond":
+            return slice(0, batch)
+        return None
 
 
 def cfg_layout(pipe, num_inference_steps: int, **call_kwargs) -> CFGLayout:
