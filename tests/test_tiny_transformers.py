@@ -333,3 +333,48 @@ def test_pixart_token_grid_follows_the_binned_size(pipes):
     p, f = pipe.transformer.config.patch_size, pipe.vae_scale_factor
     grid = L.image_grid("pixart", latent, p)
     assert grid == (bh // f // p, bw // f // p) and grid != (height // f // p, width // f // p)
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_step_index_is_read_from_the_scheduler_timesteps_storage(pipes, family):
+    pipe = pipes[family]
+    extra = {
+        "pixart": dict(guidance_scale=4.5),
+        "sd3": dict(skip_guidance_layers=[0], skip_layer_guidance_stop=0.8),
+        "flux": dict(true_cfg_scale=3.0, negative_prompt=[""]),
+    }[family]
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((L.step_index(pipe, kw["timestep"]), float(kw["timestep"].flatten()[0]))),
+        with_kwargs=True,
+    )
+    try:
+        _run(pipe, family, num_inference_steps=4, **extra)
+    finally:
+        handle.remove()
+    layout = L.cfg_layout(pipe, 4, **CALL[family], **extra)
+    expected = [i for i in range(4) for _ in range(layout.calls_per_step(i))]
+    assert [i for i, _ in seen] == expected
+    # Calls of one step share the timestep value; different steps do not.
+    values = {}
+    for i, v in seen:
+        values.setdefault(i, set()).add(v)
+    assert all(len(v) == 1 for v in values.values()) and len({next(iter(v)) for v in values.values()}) == 4
+
+
+def test_sd3_without_t5_has_only_the_clip_segment():
+    from diffusers import StableDiffusion3Pipeline
+
+    full = tiny_dit_pipeline("sd3")
+    parts = dict(full.components, text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    calls = _Calls(pipe.transformer)
+    try:
+        _run(pipe, "sd3")
+    finally:
+        calls.close()
+    num_text = calls.calls[0]["encoder_hidden_states"].shape[1]
+    segments = L.text_segments(pipe, num_text)
+    # The pipeline still appends max_sequence_length zero rows for the missing T5; they are keys without a </s>.
+    assert [s.name for s in segments] == ["clip"] and num_text == segments[0].length + CALL["sd3"]["max_sequence_length"]

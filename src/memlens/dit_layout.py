@@ -40,6 +40,7 @@ __all__ = [
     "prediction_layout",
     "image_grid",
     "guided_prediction",
+    "step_index",
 ]
 
 Family = Literal["pixart", "sd3", "flux"]
@@ -339,3 +340,21 @@ def image_grid(family: Family, hidden_states: torch.Tensor, patch_size: int, img
         return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
     height, width = hidden_states.shape[-2:]
     return height // patch_size, width // patch_size
+
+
+def step_index(pipe, timestep: torch.Tensor) -> int | None:
+    """The index in ``pipe.scheduler.timesteps`` of the step a transformer call belongs to; None if unknowable.
+
+    Read from storage, not by counting calls (SD3 skip-layer guidance and FLUX true CFG make several calls per
+    step). PixArt and SD3 pass ``t.expand(batch)``, a view of the scheduler's timesteps
+    (pipeline_pixart_alpha.py:917-929, pipeline_stable_diffusion_3.py:1069). FLUX passes ``timestep / 1000``, a
+    fresh tensor (pipeline_flux.py:903), but keeps the loop's own ``t`` in ``pipe._current_timestep`` (:894).
+    """
+    if family_of(pipe) == "flux":
+        timestep = getattr(pipe, "_current_timestep", None)
+    timesteps = pipe.scheduler.timesteps
+    if not (torch.is_tensor(timestep) and torch.is_tensor(timesteps)) or timesteps.dim() != 1:
+        return None
+    if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
+        return None
+    return (timestep.storage_offset() - timesteps.storage_offset()) // timesteps.stride(0)
