@@ -26,7 +26,13 @@ CALL = {
     "flux": dict(max_sequence_length=8, true_cfg_scale=3.0, negative_prompt=[""] * len(PROMPTS)),
 }
 # Non-square requests; PixArt's is binned to a different aspect-ratio bucket before the transformer sees it.
-SIZES = {"pixart": [None, (128, 256)], "pixart-sigma": [(256, 128)], "sd3": [None, (32, 64)], "sd3.5": [(64, 32)], "flux": [None, (32, 64)]}
+SIZES = {
+    "pixart": [None, (128, 256)],
+    "pixart-sigma": [(256, 128)],
+    "sd3": [None, (32, 64)],
+    "sd3.5": [(64, 32)],
+    "flux": [None, (32, 64)],
+}
 CASES = [(f, s) for f, sizes in SIZES.items() for s in sizes]
 
 

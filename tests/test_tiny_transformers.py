@@ -214,7 +214,8 @@ def test_pixart_cfg_is_one_batch_uncond_then_cond(pipes):
         calls.close()
     layout = L.cfg_layout(pipe, 2, guidance_scale=4.5)
     assert layout.mode == "batch" and len(calls.calls) == 2
-    cond, _, uncond, _ = pipe.encode_prompt(["a cat", "a dog"], max_sequence_length=CALL["pixart"]["max_sequence_length"])
+    length = CALL["pixart"]["max_sequence_length"]
+    cond, _, uncond, _ = pipe.encode_prompt(["a cat", "a dog"], max_sequence_length=length)
     text = calls.calls[0]["encoder_hidden_states"]
     assert torch.allclose(text[:2], uncond, atol=1e-5) and torch.allclose(text[2:], cond, atol=1e-5)
     assert L.cfg_layout(pipe, 2, guidance_scale=1.0).mode == "none"
@@ -265,7 +266,8 @@ def test_flux_needs_true_cfg_and_a_negative_prompt_for_an_unconditional_branch(p
         # T5 outputs differ in the last ulp between batch sizes, so compare to 1e-5; cond and uncond differ by O(1).
         assert torch.allclose(first["encoder_hidden_states"], cond, atol=1e-5)
         assert torch.allclose(second["encoder_hidden_states"], uncond, atol=1e-5)
-        assert torch.equal(first["timestep"], second["timestep"]) and torch.equal(first["hidden_states"], second["hidden_states"])
+        assert torch.equal(first["timestep"], second["timestep"])
+        assert torch.equal(first["hidden_states"], second["hidden_states"])
 
 
 def test_prediction_layout(pipes):
@@ -294,7 +296,8 @@ def test_image_tokens_are_row_major_patches_of_the_latent(pipes, family):
     poked = latent.clone()
     r, c = height - 1, 1  # a pixel in the last patch row, second patch column
     poked[0, :, r, c] += 1.0
-    text = torch.randn(1, 4, pipe.transformer.config.caption_channels if family == "pixart" else t.config.joint_attention_dim)
+    text_width = t.config.caption_channels if family == "pixart" else t.config.joint_attention_dim
+    text = torch.randn(1, 4, text_width, generator=torch.Generator().manual_seed(1))
     kwargs = dict(encoder_hidden_states=text, timestep=torch.tensor([500.0]), return_dict=False)
     if family == "pixart":
         kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
@@ -377,4 +380,5 @@ def test_sd3_without_t5_has_only_the_clip_segment():
     num_text = calls.calls[0]["encoder_hidden_states"].shape[1]
     segments = L.text_segments(pipe, num_text)
     # The pipeline still appends max_sequence_length zero rows for the missing T5; they are keys without a </s>.
-    assert [s.name for s in segments] == ["clip"] and num_text == segments[0].length + CALL["sd3"]["max_sequence_length"]
+    assert [s.name for s in segments] == ["clip"]
+    assert num_text == segments[0].length + CALL["sd3"]["max_sequence_length"]

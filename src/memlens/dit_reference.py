@@ -331,7 +331,8 @@ def magnitudes(pipe, calls: list[TransformerCall], cfg: dit_layout.CFGLayout, ma
         if mask_upsample == "patch":
             m = mask.double().repeat_interleave(footprint, dim=1).repeat_interleave(footprint, dim=2)
         else:
-            m = F.interpolate(mask.double()[:, None], size=energy.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            m = F.interpolate(mask.double()[:, None], size=energy.shape[-2:], mode="bilinear", align_corners=False)
+            m = m[:, 0]
         d_all.append(energy.flatten(1).sum(1).sqrt())
         ld_all.append((energy * m.pow(2)).flatten(1).sum(1).sqrt() / m.flatten(1).mean(1))
     return torch.stack(d_all, dim=1), torch.stack(ld_all, dim=1)
