@@ -389,7 +389,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     else:
         text_encoder.train()
 
-    log_f = open(out / "log.jsonl", "a")
+    log_f = open_log(out / "log.jsonl", step)
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     running, running_match, t0 = [], [], time.time()
     kept = seen = 0
@@ -468,6 +468,15 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     bar.close()
     log_f.close()
     return out
+
+
+def open_log(path: Path, step: int):
+    """The loss log, opened for appending after dropping lines past `step`: a run killed after logging but before
+    its next checkpoint logged steps its resumed run will log again."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+    return open(path, "a")
 
 
 def read_log(out_dir: str | Path) -> list[dict]:
