@@ -1,0 +1,134 @@
+"""Hutchinson diagonal, curvature-difference and score-difference maps against exact Jacobians and direct formulas."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from memlens.field import curvature as cv
+
+
+def _all_rademacher(shape) -> torch.Tensor:
+    n = int(np.prod(shape))
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=n)), dtype=torch.float64)
+    return signs.reshape(len(signs), *shape)
+
+
+def _toy_eps(seed=0, channels=2):
+    # A small denoiser with channel mixing, spatial mixing, a nonlinearity and text conditioning: its Jacobian has
+    # off-diagonal entries everywhere a Hutchinson estimate must average out.
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(channels, channels, generator=g, dtype=torch.float64)
+    p = torch.randn(channels, 3, generator=g, dtype=torch.float64)
+
+    def eps(x, t, cond):
+        mixed = torch.einsum("oc,bchw->bohw", w, x) + 0.5 * torch.roll(x, 1, dims=-1) - 0.3 * torch.roll(x, 1, dims=-2)
+        bias = (cond @ p.T)[:, :, None, None]
+        return torch.tanh(mixed * (1 + t) + bias) + x**2 * bias
+
+    return eps
+
+
+def _exact_diag(fn, x):
+    # Per-sample Jacobian diagonal from the full autograd Jacobian.
+    out = []
+    for b in range(x.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda z: fn(z[None])[0], x[b])
+        n = x[b].numel()
+        out.append(jac.reshape(n, n).diagonal().reshape(x[b].shape))
+    return torch.stack(out)
+
+
+def test_exactly_unbiased_on_a_linear_map():
+    # Averaging over every Rademacher vector is the expectation itself: it must give diag(A) to rounding.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    x = torch.randn(1, 6, 1, 1, dtype=torch.float64)
+    fn = lambda z: (a @ z.reshape(-1)).reshape(z.shape)  # noqa: E731
+    est = cv.hutchinson_diagonal(fn, x, probes=_all_rademacher(x.shape))
+    assert torch.allclose(est.reshape(-1), a.diagonal(), atol=1e-12)
+
+
+def test_full_enumeration_is_exact_for_a_nonlinear_network():
+    eps = _toy_eps()
+    x = torch.randn(1, 2, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(1, 3, dtype=torch.float64)
+    fn = lambda z: eps(z, 0.5, cond)  # noqa: E731
+    est = cv.hutchinson_diagonal(fn, x, probes=_all_rademacher(x.shape))
+    assert torch.allclose(est, _exact_diag(fn, x), atol=1e-10)
+
+
+def test_random_probes_within_the_estimators_own_standard_error():
+    eps = _toy_eps(seed=3)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen)
+    cond = torch.randn(2, 3, dtype=torch.float64, generator=gen)
+    fn = lambda z: eps(z, 0.5, cond)  # noqa: E731
+    k = 3000
+    est = cv.hutchinson_diagonal(fn, x, probes=k, generator=torch.Generator().manual_seed(7))
+    # Var of one probe's v_i (J^T v)_i is sum_{j != i} J_ji^2, so the mean of k has that over k.
+    for b in range(x.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda z: fn(z[None].expand(2, -1, -1, -1).clone())[b], x[b])
+        n = x[b].numel()
+        jac = jac.reshape(n, n)
+        exact = jac.diagonal()
+        sd = ((jac**2).sum(0) - exact**2).clamp_min(0).sqrt() / k**0.5
+        err = (est[b].reshape(-1) - exact).abs()
+        assert (err <= 5 * sd + 1e-12).all(), (err / sd).max()
+        assert sd.max() > 0  # the check is not vacuous: the Jacobian is not diagonal
+
+
+def test_seeded_generator_gives_the_same_estimate():
+    eps = _toy_eps()
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64)
+    cond = torch.randn(1, 3, dtype=torch.float64)
+    run = lambda s: cv.hutchinson_diagonal(lambda z: eps(z, 0.1, cond), x, 4, torch.Generator().manual_seed(s))  # noqa: E731
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
+def test_curvature_difference_map_is_relu_of_channel_summed_exact_diagonal():
+    eps = _toy_eps(seed=4)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 2, 3, dtype=torch.float64, generator=gen)
+    cond, uncond = torch.randn(1, 3, dtype=torch.float64, generator=gen), torch.zeros(1, 3, dtype=torch.float64)
+    got = cv.curvature_difference_map(eps, x, 0.2, cond, uncond, probes=_all_rademacher(x.shape))
+    exact = _exact_diag(lambda z: eps(z, 0.2, cond) - eps(z, 0.2, uncond), x).sum(dim=1).clamp_min(0)
+    assert got.shape == (1, 2, 3)
+    assert torch.allclose(got, exact, atol=1e-10)
+    assert (exact == 0).any() and (exact > 0).any()  # the relu acts on this example
+
+
+def test_score_difference_map_matches_numpy():
+    rng = np.random.default_rng(0)
+    ec, eu = rng.normal(size=(3, 4, 5, 6)), rng.normal(size=(3, 4, 5, 6))
+    sig = np.array([0.3, 0.5, 0.9])
+    want = (((ec - eu) / sig[:, None, None, None]) ** 2).sum(axis=1)
+    got = cv.score_difference_map(torch.tensor(ec), torch.tensor(eu), torch.tensor(sig))
+    assert got.shape == (3, 5, 6)
+    assert np.allclose(got.numpy(), want, rtol=1e-6)
+    assert np.allclose(cv.score_difference_map(torch.tensor(ec), torch.tensor(eu), 0.5).numpy(), (((ec - eu) / 0.5) ** 2).sum(1), rtol=1e-6)
+    assert np.allclose(cv.score_difference_map(torch.tensor(ec), torch.tensor(eu)).numpy(), ((ec - eu) ** 2).sum(1), rtol=1e-6)
+
+
+def test_runs_on_a_stock_unet_at_its_last_step():
+    from memlens.testing import tiny_sd1_pipeline
+
+    pipe = tiny_sd1_pipeline()
+    unet = pipe.unet
+    text, negative = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, True)
+    pipe.scheduler.set_timesteps(4)
+    t_last = pipe.scheduler.timesteps[-1]
+    size = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    eps = lambda z, t, c: unet(z, t, encoder_hidden_states=c).sample  # noqa: E731
+    before = [p.grad for p in unet.parameters()]
+    m = cv.curvature_difference_map(eps, x, t_last, text, negative, probes=2, generator=torch.Generator().manual_seed(0))
+    assert m.shape == (2, size, size)
+    assert torch.isfinite(m).all() and (m >= 0).all() and m.sum() > 0
+    assert [p.grad for p in unet.parameters()] == before  # probes take input gradients only
+    again = cv.curvature_difference_map(eps, x, t_last, text, negative, probes=2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(m, again)
