@@ -132,3 +132,20 @@ def test_runs_on_a_stock_unet_at_its_last_step():
     assert [p.grad for p in unet.parameters()] == before  # probes take input gradients only
     again = cv.curvature_difference_map(eps, x, t_last, text, negative, probes=2, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(m, again)
+
+
+def test_on_a_score_function_it_estimates_the_hessian_diagonal_of_the_log_density():
+    # s = grad log p for log p(x) = -sum log cosh(W x) - |x|^2 / 2: the Jacobian of s is the Hessian of log p.
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    log_p = lambda z: -torch.log(torch.cosh(w @ z)).sum() - 0.5 * (z**2).sum()  # noqa: E731
+    x = torch.randn(5, generator=gen, dtype=torch.float64)
+
+    def score(z):
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_(True)
+            return torch.stack([torch.autograd.grad(log_p(row), row, create_graph=True)[0] for row in z.unbind(0)])
+
+    est = cv.hutchinson_diagonal(score, x[None], probes=_all_rademacher((1, 5)))
+    hess = torch.autograd.functional.hessian(log_p, x)
+    assert torch.allclose(est[0], hess.diagonal(), atol=1e-10)

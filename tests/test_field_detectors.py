@@ -167,3 +167,36 @@ def test_on_a_stock_unet_forward_and_reverse_jvps_agree_and_kernel_choice_is_res
     t_norm, t_cos = det.anisotropy_timesteps(pipe.scheduler.timesteps)
     score = det.anisotropy_score(model, x, t_norm, t_cos, text, negative)
     assert score.shape == (2,) and torch.isfinite(score).all()
+
+
+def _collapsing_denoisers(alpha_bar):
+    # Unconditional data ~ N(0, I): eps_u = sigma x. A "memorized" prompt's data is one image x0, so its denoiser
+    # pulls every input onto x0: eps_c = (x - sqrt(a) x0) / sigma. A "generic" prompt only shifts eps_u slightly.
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    shift = 0.05 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+
+    def model(x, t, cond):
+        a = torch.as_tensor(alpha_bar(t), dtype=x.dtype)
+        sigma = (1 - a).sqrt()
+        if cond == "memorized":
+            return (x - a.sqrt() * x0) / sigma
+        return sigma * x + (shift if cond == "generic" else 0)
+
+    return model
+
+
+def test_a_collapsing_conditional_denoiser_scores_higher_on_both_detectors():
+    alpha_bar = lambda t: float(torch.cos(torch.tensor(t / 1000 * torch.pi / 2)) ** 2 * 0.999 + 0.0005)  # noqa: E731
+    model = _collapsing_denoisers(alpha_bar)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    t_norm, t_cos = det.anisotropy_timesteps(list(range(981, 0, -20)))
+    scores = {}
+    for prompt in ("memorized", "generic"):
+        anis = det.anisotropy_score(model, x, t_norm, t_cos, prompt, "uncond")
+        sharp = det.sharpness_score(model, x, t_norm, prompt, "uncond", scale=det.score_scale("epsilon", alpha_bar(t_norm)))
+        _, cos = det.anisotropy_terms(*(model(x, t, c) for t, c in ((t_norm, prompt), (t_norm, "uncond"), (t_cos, prompt), (t_cos, "uncond"))))
+        scores[prompt] = (anis.item(), sharp.item(), cos.item())
+    assert scores["memorized"][0] > scores["generic"][0]
+    # A constant shift has no curvature at all; the collapse onto x0 has.
+    assert scores["generic"][1] == pytest.approx(0.0, abs=1e-12) and scores["memorized"][1] > 1e-5
+    assert scores["memorized"][2] > 0.5 > abs(scores["generic"][2])  # guidance aligns with the unconditional score
