@@ -120,13 +120,16 @@ def test_references_dead_urls_are_counted(tmp_path):
     _png(refs / "dl_002.png", np.full((4, 4, 3), 200))  # row 2: a real image
     _png(refs / "dl_006.png", np.zeros((4, 4, 3)))  # row 6: the black placeholder of a dead URL
     _png(refs / "11" / "a.png", np.full((4, 4, 3), 50))  # row 0 by its LAION index, Wen's layout
+    (refs / "dl_004.jpg").write_bytes(b"\xff\xd8 truncated download")  # row 4: not an image
     items, report = wb.load_webster(_jsonl(tmp_path / "labels.jsonl", LABELS), references=refs)
     by = {i.prompt: i for i in items}
     assert by["exact copy"].references == [refs / "dl_002.png"]
     assert by["tv pairs"].references == [refs / "11" / "a.png"]
     assert by["retrieved copy"].references == []
-    # rows 1, 4, 5 have no file at all; row 6 only a placeholder; the non-memorized row is not looked up
-    assert report.dead == Counter({"reference_missing": 3, "reference_placeholder": 1})
+    # rows 1 and 5 have no file at all, row 4 a broken one, row 6 only a placeholder; row 3 (non-memorized) is not
+    # looked up
+    assert report.dead == Counter({"reference_missing": 2, "reference_unreadable": 1, "reference_placeholder": 1})
+    assert by["tv webster"].references == []
     assert wb.is_placeholder(refs / "dl_006.png") and not wb.is_placeholder(refs / "dl_002.png")
 
 
@@ -141,6 +144,8 @@ def test_ground_truth_masks_follow_mem_curv_diff(tmp_path):
     assert wb.ground_truth_mask(by["exact copy"], (8, 8)).all()
     assert wb.ground_truth_mask(by["retrieved copy"], (8, 8)).all()
     assert not wb.ground_truth_mask(by["nothing"], (8, 8)).any()
+    with pytest.raises(InputError, match="b_mask.png: cannot read the mask"):
+        wb.read_mask(tmp_path / "templates/mask/b_mask.png")
     big = wb.read_mask(tmp_path / "templates/mask/a_mask.png", (16, 16))
     assert np.array_equal(big, np.kron(a, np.ones((2, 2), dtype=bool)))  # nearest-neighbour upsampling
 

@@ -15,8 +15,8 @@ templates table), and Webster's `retrieved_urls` matched against the table's `ur
 
 Dead entries are counted in the returned `WebsterReport` and skipped, never fatal: a template row whose mask or image
 file is missing, a template prompt none of whose templates is alive (when a templates table is given), a reference
-image that is missing or a black placeholder (what mem-curv-diff's downloader left for dead URLs). Malformed input is
-an `InputError` naming the file, the row and the column.
+image that is missing, unreadable or a black placeholder (what mem-curv-diff's downloader left for dead URLs).
+Malformed input is an `InputError` naming the file, the row and the column.
 
 Ground truth as mem-curv-diff evaluates it (`ground_truth_mask`): a template copy -> its template's mask, an exact or
 retrieved copy -> all ones (the whole image), a non-memorized prompt -> all zeros; masks are read as grayscale,
@@ -379,9 +379,17 @@ def load_webster(
                 continue
         if ref_dir is not None and kind != "non-memorized":
             found = _reference_files(ref_dir, row, item.index)
-            alive = [f for f in found if not is_placeholder(f)]
+            alive, unreadable = [], []
+            for f in found:
+                try:
+                    if not is_placeholder(f):
+                        alive.append(f)
+                except OSError:  # PIL's UnidentifiedImageError included: a truncated download
+                    unreadable.append(f)
             if not found:
                 report._dead("reference_missing", f"{where}: no reference image for row {row} / index {item.index}")
+            elif unreadable and not alive:
+                report._dead("reference_unreadable", f"{where}: reference image {unreadable[0]} cannot be read")
             elif not alive:
                 report._dead("reference_placeholder", f"{where}: reference image(s) are black placeholders (dead URL)")
             item.references = alive
@@ -397,11 +405,14 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = (256, 256)
     """A ground-truth mask as bool (H, W): grayscale, resized NEAREST to size=(H, W), value / 255 > 0.5."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        gray = img.convert("L")
-        if size is not None and gray.size != (size[1], size[0]):
-            gray = gray.resize((size[1], size[0]), Image.NEAREST)
-        return np.asarray(gray, dtype=np.float32) / 255.0 > 0.5
+    try:
+        with Image.open(path) as img:
+            gray = img.convert("L")
+    except OSError as err:  # missing, unreadable or not an image
+        raise InputError(f"{path}: cannot read the mask ({err})") from None
+    if size is not None and gray.size != (size[1], size[0]):
+        gray = gray.resize((size[1], size[0]), Image.NEAREST)
+    return np.asarray(gray, dtype=np.float32) / 255.0 > 0.5
 
 
 def ground_truth_mask(item: WebsterItem, size: tuple[int, int] = (256, 256), seed: int | None = None) -> np.ndarray:
