@@ -114,10 +114,14 @@ def test_score_difference_map_matches_numpy():
     assert np.allclose(cv.score_difference_map(torch.tensor(ec), torch.tensor(eu)).numpy(), ((ec - eu) ** 2).sum(1), rtol=1e-6)
 
 
-def test_runs_on_a_stock_unet_at_its_last_step():
+@pytest.fixture(scope="module")
+def pipe():
     from memlens.testing import tiny_sd1_pipeline
 
-    pipe = tiny_sd1_pipeline()
+    return tiny_sd1_pipeline()
+
+
+def test_runs_on_a_stock_unet_at_its_last_step(pipe):
     unet = pipe.unet
     text, negative = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, True)
     pipe.scheduler.set_timesteps(4)
@@ -149,3 +153,30 @@ def test_on_a_score_function_it_estimates_the_hessian_diagonal_of_the_log_densit
     est = cv.hutchinson_diagonal(score, x[None], probes=_all_rademacher((1, 5)))
     hess = torch.autograd.functional.hessian(log_p, x)
     assert torch.allclose(est[0], hess.diagonal(), atol=1e-10)
+
+
+def test_on_a_stock_unet_it_matches_forward_mode_columns_of_the_jacobian(pipe):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    unet = pipe.unet
+    text, negative = pipe.encode_prompt(["a cat"], "cpu", 1, True)
+    pipe.scheduler.set_timesteps(3)
+    t = pipe.scheduler.timesteps[-1]
+    size = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(2))
+    diff = lambda z: unet(z, t, encoder_hidden_states=text).sample - unet(z, t, encoder_hidden_states=negative).sample  # noqa: E731
+    k = 48
+    probes = cv.rademacher((k, *x.shape), generator=torch.Generator().manual_seed(3))
+    est = cv.hutchinson_diagonal(diff, x, probes=probes).flatten()
+    flat = probes.reshape(k, -1)
+    # Column i of the Jacobian from one forward-mode JVP along e_i, an independent code path: (J^T v)_i = J[:, i] . v,
+    # so with the same probes the estimate must be mean_k v_ki (J[:, i] . v_k); and since E = J_ii with variance
+    # sum_{j != i} J_ji^2 / k, it must also lie within 5 standard errors of J_ii.
+    for i in torch.randperm(x.numel(), generator=torch.Generator().manual_seed(4))[:6].tolist():
+        e = torch.zeros(x.numel())
+        e[i] = 1
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            col = torch.func.jvp(diff, (x,), (e.reshape(x.shape),))[1].flatten()
+        assert est[i] == pytest.approx((flat[:, i] * (flat @ col)).mean().item(), abs=1e-5)
+        sd = ((col**2).sum() - col[i] ** 2).clamp_min(0).sqrt() / k**0.5
+        assert abs(est[i] - col[i]) <= 5 * sd + 1e-6
