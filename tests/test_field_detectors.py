@@ -49,7 +49,8 @@ def test_anisotropy_terms_match_numpy_per_pixel_channel_cosine():
     assert np.allclose(cos.numpy(), want_cos, rtol=1e-5, atol=1e-7)
     # The cosine over the flattened latent is a different number: the per-pixel convention matters.
     a, b = ou_c, oc_c - ou_c
-    flat = (a * b).reshape(3, -1).sum(1) / (np.linalg.norm(a.reshape(3, -1), axis=1) * np.linalg.norm(b.reshape(3, -1), axis=1))
+    a, b = a.reshape(3, -1), b.reshape(3, -1)
+    flat = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert not np.allclose(cos.numpy(), flat, atol=1e-3)
 
 
@@ -61,7 +62,8 @@ def test_anisotropy_pairings():
         return ((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).reshape(2, -1).mean(1)
 
     for pairing, (a, b) in {"x,c|x": (u, c - u), "x,x|c": (u, c), "x|c,c|x": (c, c - u)}.items():
-        _, cos = det.anisotropy_terms(torch.tensor(c), torch.tensor(u), torch.tensor(c), torch.tensor(u), pairing=pairing)
+        tc, tu = torch.tensor(c), torch.tensor(u)
+        _, cos = det.anisotropy_terms(tc, tu, tc, tu, pairing=pairing)
         assert np.allclose(cos.numpy(), np_cos(a, b), rtol=1e-5), pairing
     with pytest.raises(ValueError, match="pairing"):
         det.anisotropy_terms(*(torch.tensor(u),) * 4, pairing="c,u")
@@ -97,7 +99,8 @@ def test_scales_by_prediction_type():
 def test_identical_branches_score_zero():
     model = _toy_model()
     x, cond, _ = _inputs()
-    assert torch.allclose(det.sharpness_score(model, x, 500, cond, cond, scale=-2.0), torch.zeros(2, dtype=torch.float64))
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert torch.allclose(det.sharpness_score(model, x, 500, cond, cond, scale=-2.0), zero)
     norm, _ = det.anisotropy_terms(*(model(x, 500, cond),) * 4)
     assert torch.allclose(norm, torch.zeros(2, dtype=torch.float64))
 
@@ -107,7 +110,8 @@ def _explicit_sharpness(model, x, t, cond, uncond, scale):
     out = []
     for b in range(x.shape[0]):
         n = x[b].numel()
-        jac = lambda e: torch.autograd.functional.jacobian(lambda z: model(z[None], t, e[b : b + 1])[0], x[b]).reshape(n, n)  # noqa: E731
+        one = lambda e: (lambda z: model(z[None], t, e[b : b + 1])[0])  # noqa: E731
+        jac = lambda e: torch.autograd.functional.jacobian(one(e), x[b]).reshape(n, n)  # noqa: E731
         d = (model(x[b : b + 1], t, cond[b : b + 1]) - model(x[b : b + 1], t, uncond[b : b + 1])).reshape(n)
         out.append(torch.linalg.norm(scale**2 * (jac(cond) - jac(uncond)) @ d))
     return torch.stack(out)
@@ -153,7 +157,8 @@ def test_on_a_stock_unet_forward_and_reverse_jvps_agree_and_kernel_choice_is_res
     size = unet.config.sample_size
     x = torch.randn(2, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     model = lambda z, tt, c: unet(z, tt, encoder_hidden_states=c).sample  # noqa: E731
-    flags = lambda: (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())  # noqa: E731
+    cuda = torch.backends.cuda
+    flags = lambda: (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())  # noqa: E731
     before = flags()
     scale = det.score_scale(pipe.scheduler.config.prediction_type, float(pipe.scheduler.alphas_cumprod[int(t)]))
     fwd = det.sharpness_score(model, x, t, text, negative, scale=scale, jvp="forward")
@@ -193,8 +198,10 @@ def test_a_collapsing_conditional_denoiser_scores_higher_on_both_detectors():
     scores = {}
     for prompt in ("memorized", "generic"):
         anis = det.anisotropy_score(model, x, t_norm, t_cos, prompt, "uncond")
-        sharp = det.sharpness_score(model, x, t_norm, prompt, "uncond", scale=det.score_scale("epsilon", alpha_bar(t_norm)))
-        _, cos = det.anisotropy_terms(*(model(x, t, c) for t, c in ((t_norm, prompt), (t_norm, "uncond"), (t_cos, prompt), (t_cos, "uncond"))))
+        scale = det.score_scale("epsilon", alpha_bar(t_norm))
+        sharp = det.sharpness_score(model, x, t_norm, prompt, "uncond", scale=scale)
+        calls = ((t_norm, prompt), (t_norm, "uncond"), (t_cos, prompt), (t_cos, "uncond"))
+        _, cos = det.anisotropy_terms(*(model(x, t, c) for t, c in calls))
         scores[prompt] = (anis.item(), sharp.item(), cos.item())
     assert scores["memorized"][0] > scores["generic"][0]
     # A constant shift has no curvature at all; the collapse onto x0 has.

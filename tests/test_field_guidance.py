@@ -77,11 +77,12 @@ def test_static_schedule_on_a_stock_pipeline_equals_an_explicit_loop():
         u, c = output[0].chunk(2)
         return (torch.cat([u, gd.retarget_conditional(u, c, rule.scale(t), g_pipe)]),) + tuple(output[1:])
 
+    call = dict(prompt_embeds=text, negative_prompt_embeds=negative, latents=noise, num_inference_steps=steps,
+                guidance_scale=g_pipe, output_type="latent")
     handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            got = pipe(prompt_embeds=text, negative_prompt_embeds=negative, latents=noise.clone(), num_inference_steps=steps,
-                       guidance_scale=g_pipe, output_type="latent").images
+            got = pipe(**call).images
     finally:
         handle.remove()
 
@@ -96,8 +97,7 @@ def test_static_schedule_on_a_stock_pipeline_equals_an_explicit_loop():
             latents = sched.step(u + s * (c - u), t, latents).prev_sample
     assert torch.allclose(got, latents, atol=1e-4)
     with torch.no_grad():
-        plain = pipe(prompt_embeds=text, negative_prompt_embeds=negative, latents=noise.clone(), num_inference_steps=steps,
-                     guidance_scale=g_pipe, output_type="latent").images
+        plain = pipe(**call).images
     assert not torch.allclose(plain, latents, atol=1e-2)  # the schedule changed the sample: the check is not vacuous
 
 
@@ -135,9 +135,10 @@ def test_end_token_functions_on_a_real_tokenizer():
     from memlens.testing import tiny_sd1_pipeline
 
     tok = tiny_sd1_pipeline().tokenizer
-    ids = tok(["a cat", "a much longer prompt"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    prompts = ["a cat", "a much longer prompt"]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     pos = gd.end_token_positions(ids, tok.eos_token_id)
-    lengths = [len(tok("a cat").input_ids), len(tok("a much longer prompt").input_ids)]
+    lengths = [len(tok(p).input_ids) for p in prompts]
     assert pos.tolist() == [n - 1 for n in lengths]  # tokenizer output ends with the end token
     assert tok.pad_token_id == tok.eos_token_id  # SD 1.x: padding repeats the end token ...
     bang = tok.convert_tokens_to_ids("!")

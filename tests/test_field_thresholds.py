@@ -114,7 +114,8 @@ def test_iou_oracle_matches_brute_force_sweep():
             h, w = g.shape
             right += sum(((i, j) in pred) == ((i, j) in true) for i, j in itertools.product(range(h), range(w)))
             total += h * w
-        for key, value in (("g", inter / union if union else 1.0), ("m", sum(per_image) / len(per_image)), ("a", right / total)):
+        values = {"g": inter / union if union else 1.0, "m": sum(per_image) / len(per_image), "a": right / total}
+        for key, value in values.items():
             if value > best[key][0]:
                 best[key] = (value, t)
     assert got.global_iou == pytest.approx(best["g"][0])

@@ -84,7 +84,8 @@ def test_labels_link_templates_by_pairs_indices_and_urls(tmp_path):
     by = {i.prompt: i for i in items}
     assert "tv dead template" not in by  # its only template has no mask: counted, skipped
     assert report.n_rows == 7 and report.n_items == 6
-    assert report.dead == Counter({"template_mask_missing": 1, "template_refs_dead": 1, "template_prompt_without_mask": 1})
+    dead = {"template_mask_missing": 1, "template_refs_dead": 1, "template_prompt_without_mask": 1}
+    assert report.dead == Counter(dead)
     assert report.kinds == Counter({"template": 3, "exact": 1, "non-memorized": 1, "retrieved": 1})
     tv = by["tv pairs"]
     assert [t.row for t in tv.templates] == [0, 2]
@@ -106,13 +107,15 @@ def test_without_templates_table_nothing_is_skipped(tmp_path):
 def test_parquet_labels_in_webster_layout(tmp_path):
     meta = _templates(tmp_path)
     rows = [
-        {"caption": "p0", "overfit_type": "TV", "gen_seeds": [1, 2], "template_indices": [[0, 2]], "retrieved_urls": []},
+        {"caption": "p0", "overfit_type": "TV", "gen_seeds": [1, 2], "template_indices": [[0, 2]],
+         "retrieved_urls": []},
         {"caption": "p1", "overfit_type": "N", "gen_seeds": [], "template_indices": [[]], "retrieved_urls": []},
     ]
     path = tmp_path / "gt.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     items, report = wb.load_webster(path, templates=meta)
-    assert [(i.kind, [t.row for t in i.templates], i.seeds) for i in items] == [("template", [0, 2], [1, 2]), ("non-memorized", [], [])]
+    got = [(i.kind, [t.row for t in i.templates], i.seeds) for i in items]
+    assert got == [("template", [0, 2], [1, 2]), ("non-memorized", [], [])]
 
 
 def test_references_dead_urls_are_counted(tmp_path):
@@ -154,7 +157,8 @@ def test_ground_truth_masks_follow_mem_curv_diff(tmp_path):
     "rows, message",
     [
         ([LABELS[3], "{not json"], r"labels.jsonl row 2 \(line 2\): malformed JSON"),
-        ([LABELS[3], {"caption": "x", "overfit_type": "XV"}], r"row 2: column 'overfit_type'.*unknown memorization type 'XV'"),
+        ([LABELS[3], {"caption": "x", "overfit_type": "XV"}],
+         r"row 2: column 'overfit_type'.*unknown memorization type 'XV'"),
         ([{"caption": "x", "overfit_type": "TV", "gen_seeds": "abc"}], r"row 1: column 'gen_seeds' must be a list"),
         ([{"caption": "x", "overfit_type": "TV", "gen_seeds": [[1, 2, 3]]}], r"row 1: column 'gen_seeds' entries"),
         ([{"caption": "x", "overfit_type": "TV", "gen_seeds": [1.5]}], r"row 1: column 'gen_seeds' must hold integers"),

@@ -10,8 +10,9 @@ Source: `Gwangho99/mem-curv-diff` @42a30d4434 (`metric_utils.py`: `hutchinson_di
 - `curvature_difference_map`: mem-curv-diff's `cov` map. They estimate the diagonal of J_s for
   s = -(eps_c - eps_u) (deliberately not divided by sigma_t, "to avoid numerical instability") and keep
   relu(-sum_c diag); since -diag(J_s) = diag(J_{eps_c - eps_u}), that is relu(sum_c diag d(eps_c - eps_u)/dx).
-- `score_difference_map`: their `score_diff` baseline, sum_c ((eps_c - eps_u) / sigma_t)^2 (sigma_t = sqrt(1 - alpha_bar_t),
-  `--is_score` on by default); with `sigma_t=None` it is the plain energy map sum_c (eps_c - eps_u)^2.
+- `score_difference_map`: their `score_diff` baseline, sum_c ((eps_c - eps_u) / sigma_t)^2 with
+  sigma_t = sqrt(1 - alpha_bar_t) (`--is_score`, on by default); with `sigma_t=None` it is the plain energy map
+  sum_c (eps_c - eps_u)^2.
 
 Cost at the step where the map is taken (per image): the curvature map needs the step's two UNet evaluations (eps_c,
 eps_u) WITH an autograd graph kept, plus K backward passes through both (K = 16: about 2K = 32 backward passes of one
@@ -60,7 +61,8 @@ def hutchinson_diagonal(
         k = probes
     else:
         if tuple(probes.shape[1:]) != tuple(x.shape):
-            raise ValueError(f"probe vectors must have shape (K, {', '.join(map(str, x.shape))}), got {tuple(probes.shape)}")
+            want = ", ".join(map(str, x.shape))
+            raise ValueError(f"probe vectors must have shape (K, {want}), got {tuple(probes.shape)}")
         vs = iter(probes.to(x))
         k = probes.shape[0]
     diag = torch.zeros_like(x)
@@ -89,7 +91,9 @@ def curvature_difference_map(
     return diag.sum(dim=1).clamp_min(0)
 
 
-def score_difference_map(eps_c: torch.Tensor, eps_u: torch.Tensor, sigma_t: float | torch.Tensor | None = None) -> torch.Tensor:
+def score_difference_map(
+    eps_c: torch.Tensor, eps_u: torch.Tensor, sigma_t: float | torch.Tensor | None = None
+) -> torch.Tensor:
     """sum_c ((eps_c - eps_u) / sigma_t)^2, (B, h, w); without sigma_t the unscaled energy sum_c (eps_c - eps_u)^2.
 
     sigma_t = sqrt(1 - alpha_bar_t) of the step, a float or a (B,) tensor. A factor common to every image does not

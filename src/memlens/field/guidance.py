@@ -178,7 +178,8 @@ def mask_end_token(
     """Conditional embeddings (B, L, D) with the `mode` positions zeroed, or taken from `fill` ((L, D) or
     (B, L, D), e.g. the unconditional embeddings). Returns a new tensor."""
     if prompt_embeds.shape[:2] != torch.as_tensor(input_ids).shape:
-        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and input_ids {tuple(input_ids.shape)} disagree on (B, L)")
+        shapes = f"prompt_embeds {tuple(prompt_embeds.shape)} and input_ids {tuple(input_ids.shape)}"
+        raise ValueError(f"{shapes} disagree on (B, L)")
     m = end_token_mask(input_ids, eos_token_id, mode).to(prompt_embeds.device)[..., None]
     other = torch.zeros_like(prompt_embeds) if fill is None else fill.to(prompt_embeds).expand_as(prompt_embeds)
     return torch.where(m, other, prompt_embeds)

@@ -36,7 +36,8 @@ def _pairs(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[np.
     g = [np.asarray(x, dtype=np.float64) > 0.5 for x in masks]
     for i, (a, b) in enumerate(zip(m, g)):
         if a.ndim != 2 or a.shape != b.shape:
-            raise ValueError(f"pair {i}: map shape {a.shape} and mask shape {b.shape} must be equal and 2-D; resize first")
+            shapes = f"map shape {a.shape} and mask shape {b.shape}"
+            raise ValueError(f"pair {i}: {shapes} must be equal and 2-D; resize first")
         if not np.isfinite(a).all():
             raise ValueError(f"pair {i}: map has NaN or infinite values")
     if len({a.shape for a in m}) > 1:
@@ -118,7 +119,7 @@ def iou_oracle(
     m, g = _pairs(maps, masks)
     if log1p:
         if (m < 0).any():
-            raise ValueError("log1p normalisation needs non-negative maps (curvature, score-difference and BE maps are)")
+            raise ValueError("log1p needs non-negative maps (curvature, score-difference and BE maps are)")
         m = np.log1p(m)
     lo, hi = m.min(), m.max()
     norm = np.clip((m - lo) / (hi - lo + 1e-8), 0.0, 1.0)

@@ -154,7 +154,8 @@ def _rows(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise InputError(f"{path} row {n} (line {number}): malformed JSON ({err.msg} at column {err.colno})") from None
+                where = f"{path} row {n} (line {number})"
+                raise InputError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path} row {n} (line {number}): expected a JSON object, found {type(row).__name__}")
             yield f"{path} row {n}", row
@@ -173,7 +174,8 @@ def _rows(path: Path) -> Iterator[tuple[str, dict]]:
                 n += 1
                 yield f"{path} row {n}", {"prompt": line.strip()}
     else:
-        raise InputError(f"{path}: unknown label file extension {suffix or '(none)'!r}; expected .parquet, .jsonl, .csv or .txt")
+        found = suffix or "(none)"
+        raise InputError(f"{path}: unknown label file extension {found!r}; expected .parquet, .jsonl, .csv or .txt")
 
 
 def _column(row: dict, names: tuple[str, ...]) -> str | None:
@@ -199,7 +201,8 @@ def _as_list(value: Any, where: str, column: str) -> list:
 
 
 def _int(value: Any, where: str, column: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or float(value) != int(value):
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or float(value) != int(value):
         raise InputError(f"{where}: column {column!r} must hold integers, found {value!r}")
     return int(value)
 
@@ -211,7 +214,8 @@ def _seeds(value: Any, where: str) -> tuple[list[int], dict[int, int]]:
         if isinstance(entry, (list, tuple, np.ndarray)):
             entry = list(entry)
             if len(entry) != 2:
-                raise InputError(f"{where}: column 'gen_seeds' entries must be a seed or a [seed, template_row] pair, found {entry!r}")
+                expected = "a seed or a [seed, template_row] pair"
+                raise InputError(f"{where}: column 'gen_seeds' entries must be {expected}, found {entry!r}")
             seed, trow = _int(entry[0], where, "gen_seeds"), _int(entry[1], where, "gen_seeds")
             if trow >= 0:
                 seed_template[seed] = trow
@@ -261,7 +265,8 @@ def load_templates(metadata: str | os.PathLike, report: WebsterReport | None = N
     `report` and left out; a missing column or a non-text path is an `InputError`."""
     metadata = Path(metadata)
     if metadata.is_dir():
-        metadata = metadata / "metadata.parquet" if (metadata / "metadata.parquet").is_file() else metadata / "templates" / "metadata.parquet"
+        inside = metadata / "metadata.parquet"
+        metadata = inside if inside.is_file() else metadata / "templates" / "metadata.parquet"
     if not metadata.is_file():
         raise InputError(f"{metadata}: templates table not found (expected templates/metadata.parquet)")
     report = report if report is not None else WebsterReport(str(metadata))
@@ -329,7 +334,7 @@ def load_webster(
     if not labels.is_file():
         raise InputError(f"{labels}: label file not found")
     report = WebsterReport(str(labels))
-    table = templates if isinstance(templates, dict) else (load_templates(templates, report) if templates is not None else None)
+    table = templates if isinstance(templates, dict) or templates is None else load_templates(templates, report)
     by_url: dict[str, list[int]] = {}
     for t in (table or {}).values():
         if t.url:
@@ -373,7 +378,8 @@ def load_webster(
             item.templates = [table[r] for r in sorted(set(rows)) if r in table]
             lost = sorted(set(rows) - set(table))
             if lost:
-                report._dead("template_refs_dead", f"{where}: template row(s) {lost} are not alive rows of the templates table")
+                note = f"{where}: template row(s) {lost} are not alive rows of the templates table"
+                report._dead("template_refs_dead", note)
             if require_template_masks and not item.templates:
                 report._dead("template_prompt_without_mask", f"{where}: no alive template for {item.prompt[:60]!r}")
                 continue
