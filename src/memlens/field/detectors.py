@@ -12,6 +12,8 @@ Anisotropy, `rohanasthana/memorization-anisotropy` @97e991bac4 (`local_model/pip
     (`timesteps[-3]`, 41 for 50 DDIM steps on SD 1.x); no denoising;
   - the cosine is taken over the channel axis at every pixel and averaged over pixels (`cosine_similarity(.., dim=1)`
     then `.mean()`), not over the flattened latent;
+  - for epsilon models the norm term is Wen's first-step D: their code computes a SAIL Hessian-vector product and
+    comments it out (`comb_hvp = eps_diff`);
   - norm_scale: 1 for epsilon models (their SD1 path uses the raw eps difference), sqrt(a_t)/(1 - a_t) for v models
     (their SD2 path uses score = (sqrt(a_t) v - x)/(1 - a_t)); see `anisotropy_norm_scale`;
   - their weights (`detect_eval.py`), per model: SD1 gamma_norm 1.0 / gamma_cos 2.0, SD2 1.0 / 0.1, Realistic
