@@ -40,6 +40,9 @@ _FLAGS = {
     "settings` (method and options": "--method and its options",
     "organism": "--model",
     "pipe_or_model": "--model",
+    "out_json": "out_json",
+    "out_path": "--out",
+    "model_dir": "model_dir",
 }
 
 
@@ -106,6 +109,13 @@ def scan_command(
 # --- evaluate -------------------------------------------------------------------------------------------------------
 
 
+def _check_out(out: Optional[Path]) -> None:
+    from memlens.rundir import check_output_file
+
+    if out is not None:
+        check_output_file(out)
+
+
 def _emit(result: dict, out: Optional[Path], summary: str) -> None:
     from memlens.rundir import jsonable, write_json
 
@@ -125,7 +135,10 @@ def detection_command(
     """AUC, Wen's ACC, best F1 and TPR@1%FPR (two conventions) for D and LD, T = 1, 10, all, per generation and
     per prompt."""
     from memlens.evaluate import detection_results, write_detection
+    from memlens.rundir import check_output_file
 
+    if out is not None:
+        check_output_file(out)
     result = detection_results(list(scan))
     best = [r for r in result.report["results"] if r["subset"] == "all" and r["level"] == "generation" and "auc" in r]
     summary = ", ".join(f"{r['signal']} T={r['T']} AUC {r['auc']:.3f}" for r in best)
@@ -146,6 +159,7 @@ def localization_command(
     """Pixel AUROC, IoU at fixed thresholds (0.5 on min-max maps, Otsu) and the oracle IoU of BE maps vs masks."""
     from memlens.evaluate import localization_results
 
+    _check_out(out)
     result = localization_results(scan, masks)
     summary = (
         f"localization: {result['n_evaluated']} images ({result['n_missing_masks']} without a mask); "
@@ -172,6 +186,7 @@ def similarity_command(
     """SSCD, S and LS (paper Eqs. 9-10) against reference images, and CLIP score against the prompt."""
     from memlens.evaluate import similarity_results
 
+    _check_out(out)
     result = similarity_results(scan, references, sscd, preset, clip_model, clip_pretrained, mask_normalize)
     s = result["summary"]
     parts = [f"{k} {s[k + '_mean']:.3f}" for k in ("sscd", "S", "LS", "clip_score") if k + "_mean" in s]

@@ -326,9 +326,11 @@ def localization_results(scan_dir: Path, masks_dir: Path, token: Optional[str] =
         )
     try:
         pooled_raw = L.pixel_auroc(maps, masks)
-        pooled_mm = L.pixel_auroc([L.minmax_normalize(m) for m in maps], masks)
     except ValueError:
-        pooled_raw = pooled_mm = float("nan")
+        pooled_raw = float("nan")
+    # The demo's localization numbers are this summary's, by construction.
+    summary = L.localization_summary(maps, masks)
+    pooled_mm = float("nan") if summary["pixel_auroc"] is None else summary["pixel_auroc"]
     per_image, n_used = L.pixel_auroc_per_image(maps, masks)
     oracle, oracle_thr = L.oracle_iou(maps, masks)
     return {
@@ -344,7 +346,7 @@ def localization_results(scan_dir: Path, masks_dir: Path, token: Optional[str] =
         "pixel_auroc_mean_per_image": per_image,
         "pixel_auroc_images_used": n_used,
         "iou_fixed_0.5_mean": float(np.mean([r["iou_fixed_0.5"] for r in rows])),
-        "iou_otsu_mean": float(np.mean([r["iou_otsu"] for r in rows])),
+        "iou_otsu_mean": summary["iou"],
         "oracle_iou_mean": oracle,
         "oracle_threshold": oracle_thr,
         "conventions": {

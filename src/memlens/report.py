@@ -19,7 +19,7 @@ import numpy as np
 
 from memlens.errors import InputError
 from memlens.evaluate import detection_results, reference_images, roc_figure_png
-from memlens.rundir import Generation, atomic_write_bytes, read_generations
+from memlens.rundir import Generation, atomic_write_bytes, check_output_file, read_generations
 
 __all__ = ["write_report"]
 
@@ -47,9 +47,10 @@ class _Images:
     def _src(self, path: Path, be_map: Path | None = None) -> tuple[str, int] | None:
         from PIL import Image
 
-        if not path.is_file():
-            self.problems.append(f"missing: {path}")
-            return None
+        for needed in (path, be_map):
+            if needed is not None and not needed.is_file():
+                self.problems.append(f"missing: {needed}")
+                return None
         try:
             with Image.open(path) as im:
                 if not self.inline:
@@ -146,7 +147,7 @@ def _card(prompt_index: int, recs: list[Generation], images: _Images, references
         if r.label is not None:
             cap += f" · label {r.label}"
         pics = images.tag(r.path("image"), "generation") if r.image else ""
-        if images.inline and r.image and r.be_map and r.path("be_map").is_file():
+        if images.inline and r.image and r.be_map:
             pics += images.tag(r.path("image"), "BE overlay", be_map=r.path("be_map"))
         elif r.overlay:
             pics += images.tag(r.path("overlay"), "BE overlay")
@@ -254,6 +255,7 @@ def write_report(
     """Write the HTML page for `scan_dir` (default `scan_dir/report.html`) and return its path."""
     scan_dir = Path(scan_dir)
     out_path = Path(out_path) if out_path is not None else scan_dir / "report.html"
+    check_output_file(out_path, "out_path")
     if references is not None and not Path(references).is_dir():
         raise InputError(f"{references}: references directory not found")
     if max_side < 16:

@@ -32,7 +32,7 @@ __all__ = [
     "Generation", "Key", "Run", "Log",
     "atomic_write", "atomic_write_bytes", "write_json", "jsonable",
     "read_log", "read_generations", "log_paths", "done_keys", "merge", "read_run_json", "write_run_json",
-    "check_output", "open_run", "stem",
+    "check_output", "check_output_file", "open_run", "stem",
 ]
 
 # --- layout -----------------------------------------------------------------------------------------------------------
@@ -416,22 +416,36 @@ def _is_leftover(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")  # a temp file of an interrupted atomic write
 
 
+def _check_creatable(path: Path, param: str) -> None:
+    parent = next((p for p in path.parents if p.exists() or p == Path(p.anchor)), Path("."))
+    if not parent.is_dir():
+        raise InputError(f"`{param}` {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"`{param}` {path}: cannot create it, {parent} is not writable")
+
+
+def check_output_file(path: str | Path, param: str = "out") -> Path:
+    """Refuse, before any work, an output file that cannot be written: a folder, a path under a file, a folder that
+    is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"`{param}` {path}: is a folder; expected a file name")
+    if path.exists():
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+            raise InputError(f"`{param}` {path}: not writable")
+        return path
+    _check_creatable(path, param)
+    return path
+
+
 def check_output(out: str | Path, kind: str, *, own: Iterable[str] = (), param: str = "out_dir") -> Path:
     """Refuse, before any model loads and before anything is written, an output folder a run of `kind` cannot use:
     a path whose parent is a file, a folder that cannot be written, a folder holding a run of another kind, or a
     non-empty folder that is not a run at all (unrelated files). `own` names extra files the producer itself writes
     (e.g. the demo's `summary.json`). Returns the path."""
     out = Path(out)
-    for parent in [out, *out.parents]:
-        if parent.exists():
-            break
-    else:
-        parent = Path(".")
-    if parent != out:
-        if not parent.is_dir():
-            raise InputError(f"`{param}` {out}: {parent} is a file, not a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InputError(f"`{param}` {out}: cannot create it, {parent} is not writable")
+    if not out.exists():
+        _check_creatable(out, param)
         return out
     if not out.is_dir():
         raise InputError(f"`{param}` {out}: is a file; expected a folder")
