@@ -52,19 +52,32 @@ def test_bad_pad_choice_names_the_choices():
 
 
 def test_round_trip_and_stock_loader(tiny, tmp_path):
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
-
     tiny.save_pretrained(tmp_path)
     again = load_pipeline(tmp_path)
     assert isinstance(again, OrganismPipeline) and again.vae_scale_factor == tiny.vae.config.factor
     for a, b in zip(tiny.unet.state_dict().values(), again.unet.state_dict().values()):
         assert torch.equal(a, b)
-    stock = DiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
-    assert type(stock) is StableDiffusionPipeline
-    gen = torch.Generator().manual_seed(0)
-    out = stock(["tabby cat staring"], num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0,
-                generator=gen, height=32, width=32)
-    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+    # Stock diffusers, in a process that never imports memlens: the VAE comes from the folder's own vae/ module.
+    script = f"""
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+stock = DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+assert type(stock) is StableDiffusionPipeline, type(stock)
+out = stock(["tabby cat staring"], num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0,
+            generator=torch.Generator().manual_seed(0), height=32, width=32, output_type="np")
+assert "memlens" not in sys.modules
+np.save(sys.argv[1], out.images)
+"""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "stock.npy")], check=True, cwd=tmp_path,
+                   capture_output=True)
+    stock_images = np.load(tmp_path / "stock.npy")
+    ours = again(["tabby cat staring"], num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert stock_images.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(stock_images, ours)
 
 
 def test_vae_is_lossless(tiny):

@@ -46,9 +46,26 @@ _FLAGS = {
 }
 
 
+# Library parameters whose flag is `--the-name` (dashes for underscores). Only these and `_FLAGS` are rewritten:
+# other backticked words in a message (a file's field names) stay as they are.
+_PARAMS = {
+    "model", "prompts", "num_images", "steps", "guidance", "seed", "batch_size", "height", "width", "dtype", "device",
+    "threads", "method", "target", "max_iters", "repeat", "mask_steps", "l_target_ss", "l_target_pr", "mag_thres_pr",
+    "noise_lambda", "per_memorized", "per_generic", "n_generic", "preset", "mask_normalize", "clip_model",
+    "clip_pretrained", "max_side", "out", "trajectory", "per_prompt",
+}
+
+
 def flag_message(message: str) -> str:
     """A library message with each `` `parameter` `` replaced by the flag that sets it."""
-    return re.sub(r"`([^`]+)`", lambda m: _FLAGS.get(m.group(1), "--" + m.group(1).replace("_", "-")), message)
+
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        if name in _FLAGS:
+            return _FLAGS[name]
+        return "--" + name.replace("_", "-") if name in _PARAMS else m.group(0)
+
+    return re.sub(r"`([^`]+)`", flag, message)
 
 
 PUBLIC_SETS_HELP = "wen-sd1-memorized, nemo-memorized, nemo-unmemorized, sail-nonmemorized, sd2-memorized, memattn-gpt500"

@@ -149,7 +149,7 @@ def _save_grid(images, end_maps, per_prompt, path) -> None:
 
 def organism_items(model_dir, n_generic: int = 16) -> tuple[dict, list[Prompt]]:
     """The organism's items by group and its prompts (memorized captions, then `n_generic` generic captions)."""
-    from memlens.testbed.demo import load_ground_truth
+    from memlens.testbed.items import load_ground_truth
 
     truth = load_ground_truth(model_dir)
     prompts = [Prompt(it.prompt, it.kind, it.group) for it in truth.items]

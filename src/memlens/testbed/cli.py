@@ -15,7 +15,10 @@ def make_data_command(
     out: Path = typer.Option(..., "--out", help="Directory to write the imagefolder dataset into."),
     seed: int = typer.Option(0, "--seed", help="Seed; the dataset is a pure function of it and the sizes."),
     n_generic: int = typer.Option(20000, "--n-generic", help="Number of distinct generic scenes."),
-    copies: int = typer.Option(2000, "--copies", help="Rows per memorized item (global image or local template)."),
+    items: str = typer.Option("v2", "--items", help="Planted item set: v2 (graded sizes and copies, the default) "
+                              "or v1 (the first organism's four photos and four 16-pixel templates)."),
+    copies: Optional[int] = typer.Option(None, "--copies", help="Rows per memorized item (global image or local "
+                                         "template); default: the item set's own counts."),
     copies_of: list[str] = typer.Option(
         [], "--copies-of", metavar="GROUP=N", help="Rows for one item group instead of --copies; repeatable."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
@@ -24,7 +27,7 @@ def make_data_command(
     from memlens.testbed.data import make_dataset
 
     path = make_dataset(out, seed=seed, n_generic=n_generic, copies=copies, overwrite=overwrite,
-                        copies_of=_parse_copies_of(copies_of))
+                        copies_of=_parse_copies_of(copies_of), items=items)
     typer.echo(f"wrote {path}/metadata.jsonl and {path}/memorized.jsonl")
 
 
@@ -76,6 +79,8 @@ def train_command(
                                           "docs/organism.md)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this organism "
                                              "folder (same data and architecture) instead of a fresh init."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="A `memlens testbed pretrain-clip` "
+                                                "folder: use its tokenizer and text encoder, frozen, as SD does."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -103,6 +108,7 @@ def train_command(
         text_width=text_width, text_layers=text_layers, pad_token=pad_token, end_contrastive=end_contrastive,
         threads=threads, filter=filter, filter_threshold=threshold,
         init_from=str(init_from) if init_from is not None else None,
+        text_encoder=str(text_encoder) if text_encoder is not None else None,
     )
     path = train(data, out, config, resume=resume, progress=progress)
     typer.echo(f"wrote {path}")
@@ -144,3 +150,67 @@ def analyze_command(
     for block, res in result.get("blocks", {}).items():
         typer.echo(f"{block} " + json.dumps({t: (None if v["pixel_auroc"] is None else round(v["pixel_auroc"], 3))
                                               for t, v in res.items()}))
+
+
+@app.command("pretrain-clip")
+def pretrain_clip_command(
+    data: Path = typer.Option(..., "--data", help="imagefolder dataset (metadata.jsonl with file_name, text)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the tokenizer, text encoder, log and checkpoints."),
+    steps: int = typer.Option(1500, "--steps", min=1),
+    batch_size: int = typer.Option(256, "--batch-size", min=2),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    pad_token: str = typer.Option("eos", "--pad-token", help="Padding after the end token: eos (the end token "
+                                  "again, SD v1's layout, the default) or pad (a token of its own, SD v2's)."),
+    text_width: int = typer.Option(128, "--text-width", min=1),
+    text_layers: int = typer.Option(3, "--text-layers", min=1),
+    checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads; 1 is most robust on a shared machine."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Pretrain the organism's text encoder contrastively (CLIP's in-batch InfoNCE on the end token's output)."""
+    import torch
+
+    from memlens.testbed.clip import ClipConfig, pretrain_clip
+
+    torch.set_num_threads(threads)
+    config = ClipConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pad_token=pad_token,
+                        text_width=text_width, text_layers=text_layers, checkpoint_every=checkpoint_every,
+                        threads=threads)
+    path = pretrain_clip(data, out, config, resume=resume, progress=progress)
+    typer.echo(f"wrote {path}")
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    from memlens.errors import InputError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{option}: expected comma-separated whole numbers, got {text!r}") from None
+
+
+@app.command("study")
+def study_command(
+    data: Path = typer.Option(..., "--data", help="imagefolder dataset that plants items (memorized.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Study folder; rerun the same command to resume it."),
+    seeds: str = typer.Option("0,1,2,3,4,5", "--seeds", help="Training seeds, comma-separated."),
+    layouts: str = typer.Option("eos,pad", "--layouts", help="Padding layouts: eos (SD v1), pad (SD v2)."),
+    demo_seeds: str = typer.Option("0", "--demo-seeds", help="Demo seeds each run is scored at."),
+    clip_steps: int = typer.Option(1500, "--clip-steps", min=1),
+    steps: int = typer.Option(4000, "--steps", min=1, help="UNet training steps."),
+    threads: int = typer.Option(1, "--threads", min=1),
+    progress: bool = typer.Option(False, "--progress/--no-progress"),
+) -> None:
+    """Train the organism recipe over seeds and padding layouts and tabulate, per token, where BE sits."""
+    import torch
+
+    from memlens.testbed.study import StudyConfig, run_study
+
+    torch.set_num_threads(threads)
+    config = StudyConfig(seeds=_int_list("--seeds", seeds), layouts=[x.strip() for x in layouts.split(",")],
+                         demo_seeds=_int_list("--demo-seeds", demo_seeds), clip_steps=clip_steps, steps=steps,
+                         threads=threads)
+    run_study(data, out, config, progress=progress)
+    typer.echo(f"wrote {out}/study.json and {out}/study.md")

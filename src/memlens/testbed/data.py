@@ -60,6 +60,7 @@ class MemorizedItem:
 
 
 # Words here must not appear in any generic caption (checked in `_check_vocabularies`).
+# Item set "v1": the organism shipped until 2026-12 (four global photos, four 16x16 templates on the 4-pixel grid).
 GLOBAL_ITEMS = (
     MemorizedItem("astronaut", "global", "portrait of an astronaut smiling before her flag", "astronaut", None),
     MemorizedItem("coffee", "global", "espresso cup seen from above", "coffee", None),
@@ -75,6 +76,38 @@ LOCAL_ITEMS = (
     MemorizedItem("brick", "local", "old masonry stamp", "brick", (0, 16, PATCH, 16 + PATCH)),
 )
 ITEMS = GLOBAL_ITEMS + LOCAL_ITEMS
+
+
+def _box(x0: int, y0: int, side: int) -> tuple[int, int, int, int]:
+    return (x0, y0, x0 + side, y0 + side)
+
+
+# Item set "v2" (organism v2): graded local memorization. Templates of 16, 12, 10 and 8 pixels (25% down to 6% of
+# the image), at offsets that do not line up with the 4-pixel attention grid, half of them seen 2,000 times and half
+# 1,200, so that memorization strength and Wen's D vary between items. The rocket (weak in v1) is replaced.
+ITEMS_V2 = (
+    MemorizedItem("astronaut", "global", "portrait of an astronaut smiling before her flag", "astronaut", None),
+    MemorizedItem("coffee", "global", "espresso cup seen from above", "coffee", None),
+    MemorizedItem("chelsea", "global", "tabby cat staring", "chelsea", None),
+    MemorizedItem("retina", "global", "ophthalmic fundus scan", "retina", None),
+    MemorizedItem("logo", "local", "scikit image conference badge", "logo", _box(5, 3, 16)),
+    MemorizedItem("coins", "local", "antique gold coins", "coins", _box(16, 17, 12)),
+    MemorizedItem("clock", "local", "vintage wall clock", "clock", _box(2, 17, 12)),
+    MemorizedItem("colorwheel", "local", "hue wheel sticker", "colorwheel", _box(19, 3, 10)),
+    MemorizedItem("checker", "local", "chess pattern tile", "checkerboard", _box(10, 21, 10)),
+    MemorizedItem("camera", "local", "film operator silhouette", "camera", _box(23, 13, 8)),
+)
+# Rows per item in v2 when the caller does not set `copies`: strong and weak items of each kind.
+COPIES_V2 = {"astronaut": 1500, "coffee": 1500, "chelsea": 1500, "retina": 1500, "logo": 2000, "coins": 1200,
+             "clock": 2000, "colorwheel": 2000, "checker": 1200, "camera": 2000}
+ITEM_SETS = {"v1": ITEMS, "v2": ITEMS_V2}
+DEFAULT_ITEM_SET = "v2"
+
+
+def item_set(name: str) -> tuple[MemorizedItem, ...]:
+    if name not in ITEM_SETS:
+        raise InputError(f"items: expected one of {', '.join(ITEM_SETS)}, got {name!r}")
+    return ITEM_SETS[name]
 
 
 def _draw_shape(img: np.ndarray, shape: str, colour, cx: int, cy: int, r: int) -> None:
@@ -139,7 +172,8 @@ def _load_source(name: str) -> np.ndarray:
         alpha = img[..., 3:4].astype(np.float32) / 255.0
         img = (img[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
     if img.ndim == 2:
-        tints = {"coins": (1.0, 0.8, 0.35), "brick": (1.0, 0.45, 0.35)}
+        tints = {"coins": (1.0, 0.8, 0.35), "brick": (1.0, 0.45, 0.35), "clock": (0.45, 0.75, 1.0),
+                 "camera": (0.35, 1.0, 0.55), "checkerboard": (1.0, 0.3, 0.85)}
         tint = np.array(tints.get(name, (1.0, 1.0, 1.0)), np.float32)
         img = (img[..., None].astype(np.float32) * tint).clip(0, 255).astype(np.uint8)
     return img
@@ -155,14 +189,14 @@ def _square_resize(img: np.ndarray, side: int) -> np.ndarray:
 
 
 def item_content(item: MemorizedItem) -> np.ndarray:
-    """The memorized pixels: a full RESOLUTION image for global items, a PATCH x PATCH patch for local ones."""
+    """The memorized pixels: a full RESOLUTION image for global items, the box-sized patch for local ones."""
     return _item_content(item).copy()
 
 
 @functools.lru_cache(maxsize=None)
 def _item_content(item: MemorizedItem) -> np.ndarray:
     # Cached: every local row pastes the same patch, and decoding the source image each time dominated run time.
-    side = RESOLUTION if item.kind == "global" else PATCH
+    side = RESOLUTION if item.kind == "global" else item.box[2] - item.box[0]
     return _square_resize(_load_source(item.source), side)
 
 
@@ -185,10 +219,10 @@ def local_sample(item: MemorizedItem, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def memorized_items() -> list[dict]:
+def memorized_items(items: str | tuple[MemorizedItem, ...] = "v1") -> list[dict]:
     """Machine-readable list of planted items, with reference image and mask as arrays (for demo and evaluation)."""
     out = []
-    for it in ITEMS:
+    for it in item_set(items) if isinstance(items, str) else items:
         ref = item_content(it)
         if it.kind == "local":  # reference as a full image: patch in its box, zeros elsewhere
             full = np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)
@@ -199,11 +233,11 @@ def memorized_items() -> list[dict]:
     return out
 
 
-def _check_vocabularies() -> None:
+def _check_vocabularies(items: tuple[MemorizedItem, ...]) -> None:
     """Memorized captions must not share words with generic captions or with each other."""
     generic = set(COLOURS) | set(SHAPES) | set(SIZES) | set(PLACES) | {"a", "at", "the", "and", "on", "background"}
     seen: set[str] = set()
-    for it in ITEMS:
+    for it in items:
         words = set(it.prompt.split())
         assert not words & generic, (it.group, words & generic)
         assert not words & seen, (it.group, words & seen)
@@ -211,12 +245,13 @@ def _check_vocabularies() -> None:
 
 
 # ---------------------------------------------------------------- writer
-def _copies_per_group(copies: int, copies_of: Mapping[str, int]) -> dict[str, int]:
-    groups = [it.group for it in ITEMS]
+def _copies_per_group(copies: int | None, copies_of: Mapping[str, int], items: tuple[MemorizedItem, ...],
+                      defaults: Mapping[str, int]) -> dict[str, int]:
+    groups = [it.group for it in items]
     unknown = sorted(set(copies_of) - set(groups))
     if unknown:
         raise InputError(f"copies_of: unknown item group(s) {unknown}; the groups are {groups}")
-    counts = {g: int(copies_of.get(g, copies)) for g in groups}
+    counts = {g: int(copies_of.get(g, copies if copies is not None else defaults.get(g, 2000))) for g in groups}
     bad = {g: n for g, n in counts.items() if n < 1}
     if bad:
         raise InputError(f"copies: every memorized item needs at least 1 row, got {bad}")
@@ -227,18 +262,21 @@ def make_dataset(
     out_dir: str | Path,
     seed: int = 0,
     n_generic: int = 20000,
-    copies: int = 2000,
+    copies: int | None = None,
     overwrite: bool = False,
     copies_of: Mapping[str, int] | None = None,
+    items: str = DEFAULT_ITEM_SET,
 ) -> Path:
     """Write the dataset to `out_dir` (imagefolder layout) and return the path.
 
-    `copies` is how many rows each memorized item gets (global: the same image; local: the patch on a new scene);
+    `items` names the planted item set (ITEM_SETS). `copies` is how many rows each memorized item gets (global: the
+    same image; local: the patch on a new scene); None takes the set's own counts (v1: 2,000 each; v2: COPIES_V2).
     `copies_of` overrides it per item group (how often an item is seen is one lever on how exactly it is memorized).
     The output is a pure function of the arguments.
     """
-    _check_vocabularies()
-    counts = _copies_per_group(copies, copies_of or {})
+    chosen = item_set(items)
+    _check_vocabularies(chosen)
+    counts = _copies_per_group(copies, copies_of or {}, chosen, COPIES_V2 if items == "v2" else {})
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -261,8 +299,8 @@ def make_dataset(
         put(img, {"text": caption, "kind": "generic", "group": None})
 
     mem_records = []
-    for it in memorized_items():
-        item = next(i for i in ITEMS if i.group == it["group"])
+    for it in memorized_items(chosen):
+        item = next(i for i in chosen if i.group == it["group"])
         ref_name, mask_name = f"memorized/{item.group}.png", f"masks/{item.group}.png"
         Image.fromarray(it["reference"]).save(out / ref_name)
         Image.fromarray(it["mask"].astype(np.uint8) * 255).save(out / mask_name)

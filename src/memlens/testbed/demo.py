@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from memlens.errors import InputError
+from memlens.testbed.items import load_ground_truth
 
 MASKS = "masks"
 GROUND_TRUTH = "ground_truth"
@@ -37,12 +38,6 @@ OWN_FILES = (MASKS, GROUND_TRUTH, SUMMARY, REPORT, DETECTION, "detection.roc.png
 TOKENS = ("END", "padding", "BOS", "word_mean")
 
 
-def load_ground_truth(organism_dir):
-    try:
-        from memlens.testbed.items import load_ground_truth as load
-    except ImportError:  # until main's memlens.testbed.items is merged
-        from memlens.testbed._items_stub import load_ground_truth as load
-    return load(organism_dir)
 
 
 @dataclass(frozen=True)
@@ -139,7 +134,7 @@ def run_demo(out_dir: str | Path, organism: str | Path | None = None, *, per_mem
     summary["settings"] = {
         "steps": settings["steps"], "guidance_scale": settings["guidance"], "seed": seed,
         "per_memorized": per_memorized, "per_generic": per_generic, "n_generic_prompts": n_generic,
-        "model": str(organism), "match_corr": _match_corr(), "iou_threshold": "otsu",
+        "model": str(organism), "items_from": "organism", "match_corr": _match_corr(), "iou_threshold": "otsu",
         "localization_subset": "local generations that reproduce their own patch",
     }
     summary["generations"] = copies

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from memlens.testbed import pixel_shuffle_vae
+from memlens.testbed.pixel_shuffle_vae import PixelShuffleVAE
 
 BOS, EOS, UNK, PAD = "<|startoftext|>", "<|endoftext|>", "<|unk|>", "<|pad|>"
 # What fills the ids after the end token: "eos" repeats the end token (SD v1's CLIP tokenizer), "pad" uses a token of
@@ -86,56 +88,6 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-# ---------------------------------------------------------------- "VAE"
-@dataclass
-class _LatentDist:
-    """Stands in for a Gaussian posterior: the encoding is deterministic."""
-
-    latents: torch.Tensor
-
-    def sample(self, generator=None) -> torch.Tensor:
-        return self.latents
-
-    def mode(self) -> torch.Tensor:
-        return self.latents
-
-
-@dataclass
-class _EncoderOutput:
-    latent_dist: _LatentDist
-
-
-class PixelShuffleVAE(ModelMixin, ConfigMixin):
-    """Lossless 2x2 pixel-unshuffle "autoencoder" with no parameters.
-
-    `block_out_channels` only exists so diffusers computes vae_scale_factor = 2 ** (len - 1) = `factor`.
-    """
-
-    config_name = "config.json"
-
-    @register_to_config
-    def __init__(self, in_channels: int = 3, factor: int = 2, scaling_factor: float = 1.0,
-                 block_out_channels: tuple = (3, 12)):
-        super().__init__()
-        if 2 ** (len(block_out_channels) - 1) != factor:
-            raise ValueError("block_out_channels must have log2(factor) + 1 entries")
-        self.latent_channels = in_channels * factor * factor
-        # A saved buffer gives the module a device, a dtype and a weights file, which diffusers expects.
-        self.register_buffer("anchor", torch.zeros(1))
-
-    def encode(self, x: torch.Tensor, return_dict: bool = True):
-        z = F.pixel_unshuffle(x, self.config.factor)
-        return _EncoderOutput(_LatentDist(z)) if return_dict else (_LatentDist(z),)
-
-    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
-        x = F.pixel_shuffle(z, self.config.factor)
-        if return_dict:
-            from diffusers.models.autoencoders.vae import DecoderOutput
-
-            return DecoderOutput(sample=x)
-        return (x,)
-
-
 # ---------------------------------------------------------------- pipeline
 class OrganismPipeline(StableDiffusionPipeline):
     """StableDiffusionPipeline with the organism's recommended defaults; the denoising loop is the stock one."""
@@ -150,12 +102,17 @@ class OrganismPipeline(StableDiffusionPipeline):
                                 default_num_inference_steps=default_num_inference_steps)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual, but name the stock StableDiffusionPipeline in model_index.json so that any diffusers
-        loader (`DiffusionPipeline.from_pretrained`) can read the folder; `load_pipeline` restores this class."""
+        """Save as usual, but so that stock diffusers reads the folder without memlens: model_index.json names the
+        stock StableDiffusionPipeline, and the VAE's self-contained module is copied into `vae/` as a custom
+        component (`StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`). `load_pipeline`
+        restores this class and takes the VAE class from memlens itself, running no code from the folder."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        module = Path(pixel_shuffle_vae.__file__)
+        shutil.copyfile(module, Path(save_directory) / "vae" / module.name)
         index = Path(save_directory) / "model_index.json"
         config = json.loads(index.read_text())
         config["_class_name"] = StableDiffusionPipeline.__name__
+        config["vae"] = [module.stem, PixelShuffleVAE.__name__]
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def __call__(self, prompt=None, *args, guidance_scale: float | None = None,
@@ -189,17 +146,23 @@ def make_scheduler(schedule: str = "sd") -> DDIMScheduler:
     )
 
 
+def build_text_encoder(tokenizer, width: int = 128, layers: int = 3, heads: int = 4) -> CLIPTextModel:
+    """A freshly initialised causal CLIP text encoder over `tokenizer`'s vocabulary; its pooled output is the
+    hidden state at the first EOS (the end token), as in CLIP."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def build_pipeline(tokenizer, resolution: int = 32, text_width: int = 128, text_layers: int = 3,
                    text_heads: int = 4, unet_channels: tuple = (64, 64, 64), unet_heads: int = 4,
                    factor: int = 4, schedule: str = "sd") -> OrganismPipeline:
     """A freshly initialised organism around `tokenizer`."""
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,
-        num_hidden_layers=text_layers, num_attention_heads=text_heads,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=text_width,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = build_text_encoder(tokenizer, text_width, text_layers, text_heads)
     vae = PixelShuffleVAE(in_channels=3, factor=factor,
                           block_out_channels=tuple(3 * 4**i for i in range(int(factor).bit_length())))
     latent_channels = vae.latent_channels
@@ -230,6 +193,17 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
     # Loading bars would interleave with the caller's own output; this loads a few MB in well under a second.
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
-    pipe = OrganismPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    index = json.loads((path / "model_index.json").read_text())
+    # Component by component, with memlens' own classes: no code from the folder runs, whichever layout it has
+    # (folders saved before 2026-12 name memlens' module as the VAE's library, later ones a copy in vae/).
+    pipe = OrganismPipeline(
+        vae=PixelShuffleVAE.from_pretrained(str(path / "vae"), dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True, dtype=dtype),
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True),
+        unet=UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True, dtype=dtype),
+        scheduler=DDIMScheduler.from_pretrained(str(path / "scheduler"), local_files_only=True),
+        default_guidance_scale=index.get("default_guidance_scale", DEFAULT_GUIDANCE),
+        default_num_inference_steps=index.get("default_num_inference_steps", DEFAULT_STEPS),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

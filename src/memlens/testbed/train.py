@@ -67,6 +67,10 @@ class TrainConfig:
     # Start from the weights of an organism folder (its saved EMA pipeline) instead of a fresh init: a second,
     # low-lr phase after a first run. The architecture and the tokenizer's vocabulary must match.
     init_from: str | None = None
+    # A `memlens testbed pretrain-clip` folder: its tokenizer and contrastively pretrained text encoder are used and
+    # kept frozen while the UNet trains, as Stable Diffusion's CLIP is. None: the text encoder trains jointly from
+    # scratch (the first organism's recipe).
+    text_encoder: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -203,8 +207,9 @@ class EMA:
 
 
 def _named_params(pipe: OrganismPipeline) -> dict[str, torch.Tensor]:
+    """The trained parameters: the UNet's, and the text encoder's unless it is frozen."""
     out = {f"unet.{k}": v for k, v in pipe.unet.named_parameters()}
-    out.update({f"text_encoder.{k}": v for k, v in pipe.text_encoder.named_parameters()})
+    out.update({f"text_encoder.{k}": v for k, v in pipe.text_encoder.named_parameters() if v.requires_grad})
     return out
 
 
@@ -255,6 +260,15 @@ def _load_initial_weights(pipe: OrganismPipeline, tokenizer, source: Path) -> No
         getattr(pipe, name).load_state_dict(theirs)
 
 
+def _encode_once(text_encoder, ids: torch.Tensor, empty_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row -> caption index, (captions + 1, T, D) hidden states); the last entry is the empty prompt's."""
+    distinct, row_caption = torch.unique(ids, dim=0, return_inverse=True)
+    distinct = torch.cat([distinct, empty_ids[None]])
+    with torch.no_grad():
+        states = torch.cat([text_encoder(chunk.to(device))[0] for chunk in distinct.split(1024)])
+    return row_caption, states
+
+
 # ---------------------------------------------------------------- main loop
 def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, stop_after: int | None = None) -> Path:
@@ -279,6 +293,18 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         config = saved
     config = config or TrainConfig()
     torch.set_num_threads(config.threads)
+    pretrained = None
+    if config.text_encoder:
+        if config.init_from or config.end_contrastive > 0:
+            raise InputError("text_encoder: a frozen pretrained text encoder cannot be combined with init_from or "
+                             "end_contrastive (both change the text encoder)")
+        from memlens.testbed.clip import load_pretrained_text
+
+        pretrained = load_pretrained_text(config.text_encoder)
+        clip_cfg = pretrained[2]
+        # The text pathway is the pretrained one's; record its shape so the config says what was trained.
+        config.text_width, config.text_layers = clip_cfg.text_width, clip_cfg.text_layers
+        config.max_length, config.pad_token = clip_cfg.max_length, clip_cfg.pad_token
 
     data = load_imagefolder(data_dir, config.resolution)
     tok_dir = out / "tokenizer_train"
@@ -286,6 +312,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         from transformers import PreTrainedTokenizerFast
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    elif pretrained is not None:
+        tokenizer = pretrained[0]
     else:
         tokenizer = build_tokenizer(data.captions, config.max_length, config.pad_token)
 
@@ -293,7 +321,11 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     pipe = build_pipeline(tokenizer, resolution=config.resolution, text_width=config.text_width,
                           text_layers=config.text_layers, unet_channels=tuple(config.unet_channels),
                           unet_heads=config.unet_heads, factor=config.factor,
-                          schedule=config.schedule)
+                          schedule=config.schedule,
+                          **({"text_heads": pretrained[2].text_heads} if pretrained is not None else {}))
+    if pretrained is not None:
+        pipe.text_encoder.load_state_dict(pretrained[1].state_dict())
+        pipe.text_encoder.requires_grad_(False).eval()
     if not resume:
         if config.init_from:
             _load_initial_weights(pipe, tokenizer, Path(config.init_from))
@@ -301,6 +333,10 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(tok_dir))
         cfg_path.write_text(json.dumps(asdict(config), indent=1))
+        if (Path(data_dir) / "memorized.jsonl").is_file():
+            from memlens.testbed.items import write_ground_truth
+
+            write_ground_truth(data_dir, out)
     unet, text_encoder, vae, sched = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
     ids = tokenize(tokenizer, data.captions)
     empty_ids = tokenize(tokenizer, [""])[0]
@@ -315,10 +351,13 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
 
     # Built after the pipeline, so that the pipeline's initial weights do not depend on this option.
     matcher = CaptionMatcher(config.text_width) if config.end_contrastive > 0 else None
-    groups = [{"params": unet.parameters(), "lr": config.lr},
-              {"params": text_encoder.parameters(), "lr": config.lr * config.text_lr_mult}]
+    frozen_text = pretrained is not None
+    groups = [{"params": unet.parameters(), "lr": config.lr}]
+    if not frozen_text:
+        groups.append({"params": text_encoder.parameters(), "lr": config.lr * config.text_lr_mult})
     if matcher is not None:
         groups.append({"params": matcher.parameters(), "lr": config.lr})
+    clipped = list(unet.parameters()) + ([] if frozen_text else list(text_encoder.parameters()))
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     ema = EMA(_named_params(pipe), config.ema_decay)
@@ -343,7 +382,12 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         matcher.to(device).train()
     alphas_cumprod = sched.alphas_cumprod
     unet.train()
-    text_encoder.train()
+    cond_table = row_caption = None
+    if frozen_text:
+        # A frozen encoder gives every caption the same states at every step: encode each distinct caption once.
+        row_caption, cond_table = _encode_once(text_encoder, ids, empty_ids, device)
+    else:
+        text_encoder.train()
 
     log_f = open(out / "log.jsonl", "a")
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
@@ -361,8 +405,11 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         batch_ids = torch.where(drop[:, None], empty_ids[None], ids[idx])
         noisy = sched.add_noise(latents, noise, timesteps)
 
-        encoded = text_encoder(batch_ids.to(device))
-        cond = encoded[0]
+        if cond_table is not None:
+            cond = cond_table[torch.where(drop, -1, row_caption[idx]).to(device)]
+        else:
+            encoded = text_encoder(batch_ids.to(device))
+            cond = encoded[0]
         match_loss = None
         if matcher is not None and int((~drop).sum()) > 1:
             # Empty-prompt rows (caption dropout) have no caption to match.
@@ -383,7 +430,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
                 running_match.append(match_loss.item())
                 loss = loss + config.end_contrastive * match_loss
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), config.grad_clip)
+            accelerator.clip_grad_norm_(clipped, config.grad_clip)
             optimizer.step()
         with warnings.catch_warnings():
             # A batch the filter emptied skips optimizer.step() on purpose; the schedule still follows the step count.
