@@ -89,3 +89,35 @@ def test_mitigate_writes_scan_layout_and_resumes(sd1, tmp_path):
     with pytest.raises(InputError, match="`settings` \\(method and options\\)"):
         run_mitigation(sd1, str(prompts), tmp_path / "out", Settings(method="pe", steps=2, guidance=3.0),
                        num_images=2, progress=False)
+
+
+def test_mitigate_takes_steps_and_guidance_from_the_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    class Recommending(StableDiffusionPipeline):  # declares its sampling settings, as the organism does
+        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                     image_encoder=None, requires_safety_checker=False):
+            super().__init__(vae, text_encoder, tokenizer, unet, scheduler, None, None, None, False)
+            self.register_to_config(default_num_inference_steps=2, default_guidance_scale=3.0)
+
+    pipe = Recommending(**tiny_pipeline("sd1").components)
+    pipe.set_progress_bar_config(disable=True)
+    res = run_mitigation(pipe, ["a cat"], tmp_path / "out", Settings(method="none"), progress=False)
+    run = json.loads((res.path / "run.json").read_text())
+    assert (run["settings"]["steps"], run["settings"]["guidance"]) == (2, 3.0)
+    line = json.loads((res.path / "generations.jsonl").read_text())
+    assert len(line["D"]) == 2
+
+
+@pytest.mark.parametrize("target", [0.0, -1.0])
+def test_target_must_be_positive(target, tmp_path, capsys):
+    from memlens.cli import main
+
+    with pytest.raises(InputError, match="`target` must be > 0"):
+        Settings(method="pe", target=target).validate()
+    with pytest.raises(SystemExit) as ex:  # refused before any model loads: the model does not even exist
+        main(["mitigate", "--model", str(tmp_path / "none"), "--prompts", "p.txt", "--out", str(tmp_path / "o"),
+              "--method", "pe", "--target", str(target)])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and "--target must be > 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

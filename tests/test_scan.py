@@ -379,3 +379,80 @@ def test_steps_and_guidance_default_to_what_the_pipeline_recommends(prompt_file,
     settings = run_json(out)["settings"]
     assert (settings["steps"], settings["guidance"]) == (2, 3.0)
     assert all(len(r["D"]) == 2 for r in read(out))
+
+
+# --- what a newcomer hit --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["parent is a file", "unrelated files", "a demo run", "not writable"])
+def test_output_folder_checked_before_the_model_loads(case, model_folder, prompt_file, tmp_path, monkeypatch,
+                                                      capsys):
+    import memlens.models
+    from memlens import rundir
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(memlens.models, "load_pipeline", no_loading)
+    (tmp_path / "one.txt").write_text("x")
+    out, expected = {
+        "parent is a file": (tmp_path / "one.txt" / "sub", "one.txt is a file, not a folder"),
+        "unrelated files": (tmp_path, "is not empty and holds no memlens run (one.txt)"),
+        "a demo run": (tmp_path / "demo", "holds a demo run, not a scan"),
+        "not writable": (tmp_path / "new", "is not writable"),
+    }[case]
+    if case == "a demo run":
+        out.mkdir()
+        (out / "run.json").write_text(json.dumps({"kind": "demo", "settings": {}}))
+    if case == "not writable":  # root ignores permission bits, so the check's view of them stands in
+        monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert cli(["scan", "--model", model_folder, "--prompts", prompt_file, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memlens: error: --out ") and expected in err and err.count("\n") == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_long_prompts_warned_once_with_their_count(pipe, tmp_path, caplog):
+    long = " ".join(["word"] * 120)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"short one\n{long}\n{long} again\n")
+    with caplog.at_level("WARNING", logger="memlens"):
+        run_scan(pipe, prompts, tmp_path / "scan", num_images=2, batch_size=1, progress=False, **FAST)
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("memlens")]
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 3 prompts are longer than the model's 77-token context")
+
+
+def test_progress_counts_what_a_resume_found_done(reference, pipe, prompt_file, tmp_path, capsys):
+    out = tmp_path / "scan"
+    shutil.copytree(reference, out)
+    lines = (out / "generations.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "generations.jsonl").write_bytes(b"".join(lines[:4]))
+    run_scan(pipe, prompt_file, out, num_images=2, batch_size=4, progress=True, **FAST)
+    err = capsys.readouterr().err
+    assert "resuming: 4 of 6 images already recorded" in err
+    assert "6/6" in err and "2/2" not in err  # the bar counts the whole scan, starting at what was done
+
+
+def test_threads_default_to_one_on_cpu_and_follow_the_option(model_folder, prompt_file, tmp_path, monkeypatch):
+    import torch
+
+    import memlens.scan
+    from memlens.scan import ScanResult
+
+    seen = []
+
+    def fake_scan(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return ScanResult(tmp_path, "complete", 0, 0, 0)
+
+    monkeypatch.setattr(memlens.scan, "run_scan", fake_scan)
+    try:
+        torch.set_num_threads(2)
+        assert cli(["scan", "--model", model_folder, "--prompts", prompt_file, "--out", tmp_path / "a",
+                    "--device", "cpu"]) == 0
+        assert cli(["scan", "--model", model_folder, "--prompts", prompt_file, "--out", tmp_path / "b",
+                    "--device", "cpu", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1, 2]

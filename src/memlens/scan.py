@@ -334,7 +334,8 @@ def run_scan(
                     "pipeline": facts,
                 },
             )
-            warn_truncated(pipe, [records[it.prompt_index].prompt for b in batches for it in b if it.key not in done])
+            left = sorted({it.prompt_index for b in batches for it in b if it.key not in done})
+            warn_truncated(pipe, [records[p].prompt for p in left])
 
         factory = probe_factory or _default_probe_factory
         writers = max(1, min(batch_size, (os.cpu_count() or 1) // state.num_processes))

@@ -63,8 +63,12 @@ class Settings:
         if not self.target > 0:
             # A magnitude is a norm: a target at or below 0 can never be reached and would optimise every image.
             raise InputError(f"`target` must be > 0, got {self.target}")
-        if self.method.startswith("prss") and self.l_target_pr is not None and self.guidance is not None:
-            validate_pr(self.l_target_pr, self.mag_thres_pr, self.guidance)
+        if self.method.startswith("prss") and self.l_target_pr is not None:
+            if not self.mag_thres_pr > self.l_target_pr:
+                raise InputError(f"`mag_thres_pr` ({self.mag_thres_pr}) must be greater than `l_target_pr` "
+                                 f"({self.l_target_pr}): the re-anchoring strength rises from 1 at l to g at M")
+            if self.guidance is not None:
+                validate_pr(self.l_target_pr, self.mag_thres_pr, self.guidance)
         if self.max_iters < 0:
             raise InputError(f"`max_iters` must be >= 0, got {self.max_iters}")
         if self.repeat < 1:
