@@ -57,3 +57,25 @@ def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
     run_demo(out, seed=0, progress=False)
     return out
+
+
+@pytest.fixture
+def recommending_pipe():
+    """A tiny SD1 pipeline that declares its sampling settings in its config (2 steps, guidance 3.0), as the
+    organism does."""
+    from diffusers import StableDiffusionPipeline
+
+    from memlens.testing import tiny_pipeline
+
+    class Recommending(StableDiffusionPipeline):
+        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                     image_encoder=None, requires_safety_checker=False, default_num_inference_steps: int = 2,
+                     default_guidance_scale: float = 3.0):
+            super().__init__(vae, text_encoder, tokenizer, unet, scheduler, None, None, None, False)
+            self.register_to_config(
+                default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
+            )
+
+    pipe = Recommending(**tiny_pipeline("sd1").components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -91,17 +91,8 @@ def test_mitigate_writes_scan_layout_and_resumes(sd1, tmp_path):
                        num_images=2, progress=False)
 
 
-def test_mitigate_takes_steps_and_guidance_from_the_pipeline(tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    class Recommending(StableDiffusionPipeline):  # declares its sampling settings, as the organism does
-        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
-                     image_encoder=None, requires_safety_checker=False):
-            super().__init__(vae, text_encoder, tokenizer, unet, scheduler, None, None, None, False)
-            self.register_to_config(default_num_inference_steps=2, default_guidance_scale=3.0)
-
-    pipe = Recommending(**tiny_pipeline("sd1").components)
-    pipe.set_progress_bar_config(disable=True)
+def test_mitigate_takes_steps_and_guidance_from_the_pipeline(recommending_pipe, tmp_path):
+    pipe = recommending_pipe
     res = run_mitigation(pipe, ["a cat"], tmp_path / "out", Settings(method="none"), progress=False)
     run = json.loads((res.path / "run.json").read_text())
     assert (run["settings"]["steps"], run["settings"]["guidance"]) == (2, 3.0)

@@ -361,20 +361,8 @@ def test_pipeline_refusal_is_an_input_error(pipe, prompt_file, tmp_path):
     assert run_json(tmp_path / "scan")["status"] == "running"  # never "complete"
 
 
-def test_steps_and_guidance_default_to_what_the_pipeline_recommends(prompt_file, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    class Recommending(StableDiffusionPipeline):  # declares its sampling settings in its config, as the organism does
-        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
-                     image_encoder=None, requires_safety_checker=False, default_num_inference_steps: int = 2,
-                     default_guidance_scale: float = 3.0):
-            super().__init__(vae, text_encoder, tokenizer, unet, scheduler, None, None, None, False)
-            self.register_to_config(
-                default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
-            )
-
-    pipe = Recommending(**tiny_pipeline("sd1").components, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+def test_steps_and_guidance_default_to_what_the_pipeline_recommends(recommending_pipe, prompt_file, tmp_path):
+    pipe = recommending_pipe
     out = run_scan(pipe, prompt_file, tmp_path / "scan", progress=False).path
     settings = run_json(out)["settings"]
     assert (settings["steps"], settings["guidance"]) == (2, 3.0)
