@@ -225,3 +225,11 @@ def trajectory(model_dir, group: str, per_prompt: int = 8, steps: int | None = N
         rows.append({"t": ts[i], "mean_corr": {g: round(float(np.mean(c)), 3) for g, c in corr.items()},
                      "own_copies": int(sum(c >= MATCH_CORR for c in corr[group]))})
     return {"group": group, "per_prompt": per_prompt, "rows": rows}
+
+
+if __name__ == "__main__":  # the old spelling of `memlens testbed analyze`, which docs/organism.md still cites
+    import sys
+
+    from memlens.cli import main as _memlens
+
+    _memlens(["testbed", "analyze", *sys.argv[1:]])
