@@ -134,7 +134,7 @@ def test_reads_a_scan_in_progress_like_the_scan_writer_leaves_it(tmp_path):
     main_log.write_text(lines[0] + "\n")
     (tmp_path / "s" / "shards").mkdir()
     (tmp_path / "s" / "shards" / "rank-1.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:40])
-    got = E.load_generations(tmp_path / "s")
+    got = rundir.read_generations(tmp_path / "s")
     assert [r.prompt_index for r in got] == [0, 1]
     assert got[1].source.name == "rank-1.jsonl" and got[1].line == 2
     assert len(recs) == 3

@@ -112,3 +112,14 @@ def test_target_must_be_positive(target, tmp_path, capsys):
     err = capsys.readouterr().err
     assert ex.value.code == 2 and "--target must be > 0" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_mitigate_takes_the_lock_before_reading_or_writing(sd1, tmp_path):
+    from memlens import rundir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with rundir.Log(out / rundir.GENERATIONS):  # a mitigation still running in another process
+        with pytest.raises(InputError, match="another mitigate is writing to this folder"):
+            run_mitigation(sd1, ["a cat"], out, Settings(method="none", steps=2, guidance=3.0), progress=False)
+    assert not (out / rundir.RUN_JSON).exists()  # it wrote nothing before the lock refused it

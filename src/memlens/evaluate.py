@@ -1,14 +1,12 @@
-"""`memlens evaluate`: detection, localization and similarity numbers for scan directories.
+"""Detection, localization and similarity numbers for run directories (the library behind `memlens evaluate`).
 
-A scan directory holds `generations.jsonl` (one line per generated image; see `load_generations`) and the files its
-lines point to. Each command reads scans, calls the plain functions in `memlens.metrics`, and writes one JSON file
-(plus a ROC plot for detection) through a temporary file and a rename, so a crash never leaves a complete-looking
-half result. Definitions: docs/metrics.md.
+Records are read through `memlens.rundir.read_generations` (typed `Generation`s naming their file and line), scored
+with the plain functions in `memlens.metrics`, and returned as results; writing goes through `memlens.rundir`'s
+atomic writes, so a crash never leaves a complete-looking half result. Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,7 +16,7 @@ import numpy as np
 from memlens.errors import InputError
 from memlens.rundir import Generation, atomic_write_bytes, jsonable, read_generations, write_json
 
-__all__ = ["DetectionResult", "detection_results", "localization_results", "similarity_results", "load_generations",
+__all__ = ["DetectionResult", "detection_results", "localization_results", "similarity_results",
            "roc_figure_png", "reference_images", "read_mask", "mask_path", "write_detection"]
 
 T_VALUES: tuple[int | None, ...] = (1, 10, None)  # None = all steps; the paper's Table 1 columns
@@ -28,11 +26,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # --------------------------------------------------------------------------------------------------------------
 # Reading scans
-
-
-def load_generations(scan_dir: Path, required: Iterable[str] = ()) -> list[Generation]:
-    """The records of a scan directory (`memlens.rundir.read_generations`), each checked for `required` fields."""
-    return read_generations(scan_dir, required)
 
 
 def load_be_map(rec: Generation, field: str = "be_map", key: str | None = None) -> np.ndarray:
@@ -138,7 +131,7 @@ def detection_results(scan_dirs: list[Path]) -> DetectionResult:
     scan_dirs = [Path(d) for d in scan_dirs]
     if not scan_dirs:
         raise InputError("`scan_dirs`: give at least one scan directory")
-    scans = [load_generations(d, required=("prompt_index",)) for d in scan_dirs]
+    scans = [read_generations(d, required=("prompt_index",)) for d in scan_dirs]
     records = [r for recs in scans for r in recs]
     labels, label_source = _labels(scans)
     signals, notes = _present_signals(records)
@@ -290,7 +283,7 @@ def localization_results(scan_dir: Path, masks_dir: Path, token: Optional[str] =
     if not masks_dir.is_dir():
         raise InputError(f"{masks_dir}: masks directory not found")
     map_field = "be_map" if token is None else "token_maps"
-    records = load_generations(scan_dir, required=("prompt_index", "image"))
+    records = read_generations(scan_dir, required=("prompt_index", "image"))
     maps, masks, rows, missing = [], [], [], []
     for rec in records:
         path = mask_path(masks_dir, rec)
@@ -404,7 +397,7 @@ def similarity_results(
         raise InputError(f"`mask_normalize` must be 'mean', 'minmax' or 'none', got {mask_normalize!r}")
     if (clip_model is None) != (clip_pretrained is None):
         raise InputError("`clip_model` and `clip_pretrained` go together")
-    records = load_generations(scan_dir, required=("prompt_index", "image", "be_map", "prompt"))
+    records = read_generations(scan_dir, required=("prompt_index", "image", "be_map", "prompt"))
     sscd_model = S.load_sscd(sscd) if sscd is not None else None
     clip = S.load_clip(clip_model, clip_pretrained) if clip_model is not None else None
 
