@@ -74,7 +74,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu"):
                 raise InputError(f"`model` {model}: no such folder")
             else:
                 pipe = _load_hub(model, torch_dtype)
-    pipe = pipe.to(dev, torch_dtype)
+        pipe = pipe.to(dev, torch_dtype)  # diffusers logs a dtype notice here too
     _disable_safety_checker(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
