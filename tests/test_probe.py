@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+from _magnitude_oracle import masked_magnitude
 from memlens import BrightEndingProbe, MemlensError
-from memlens.magnitude import masked_magnitude
 from memlens.testing import tiny_pipeline
 
 LONG = "a very long prompt " * 8  # > 77 characters: every character is a token, so this gets truncated
@@ -258,8 +258,14 @@ def test_records_stay_small_and_energy_reproduces_ld():
     kept = full.records[0]
     assert kept.energy.shape == (8, 16, 24)
     _assert_rel(masked_magnitude(kept.energy, kept.be_map), kept.masked_magnitude)
+    _assert_rel(kept.masked_magnitude_with(kept.be_map), kept.masked_magnitude)
     # A constant mask gives back D: the normalisation by mean(m) is scale-free.
     _assert_rel(masked_magnitude(kept.energy, np.full((4, 6), 3.0, np.float32)), kept.magnitude)
+    _assert_rel(kept.masked_magnitude_with(np.full((4, 6), 3.0, np.float32)), kept.magnitude)
+    other = np.random.default_rng(0).random((4, 6)).astype(np.float32)
+    _assert_rel(kept.masked_magnitude_with(other), masked_magnitude(kept.energy, other))
+    with pytest.raises(MemlensError, match="keep_energy"):
+        rec.masked_magnitude_with(other)
 
 
 def test_configurable_layers_steps_and_token():

@@ -1,10 +1,14 @@
-"""The only module that touches diffusers internals: which cross-attention layers to read, and the processor that
-reads them.
+"""The only module that touches diffusers' attention internals: which cross-attention layers to read, and the one
+processor memlens installs on them.
 
 `CaptureProcessor` wraps whatever processor a layer already has. It always lets that processor compute the layer's
-output, so images are bit-identical with and without the probe; at the captured steps only, it additionally
-computes the attention probabilities of the conditional rows (softmax(QK^T * scale) in float32) and hands the chosen
-token's column, averaged over heads, to a sink. Nothing else in the UNet changes.
+output, so images are bit-identical with and without capture; when a sink asks for rows of the batch, it
+additionally computes their attention probabilities (softmax(QK^T * scale) in float32, with the attention mask,
+averaged over heads) and hands them to the sink. Sinks decide what to keep:
+- `TokenColumns`: the attention on one token (or weighted tokens) per layer, as the probe and the training filter
+  read it; O(queries) per image.
+- `AllTokens`: every token position, for the analysis of which token carries the signal.
+Nothing else in the UNet changes.
 """
 
 from __future__ import annotations
@@ -71,36 +75,29 @@ def select_layers(unet: torch.nn.Module, layers: list[str] | str | None = None) 
     return chosen
 
 
-class CaptureSink:
-    """What the processors report to; implemented by the probe."""
+class AttentionSink:
+    """What reads attention from a `CaptureProcessor`. A sink says, at each layer call, which batch rows it wants
+    (None: nothing now), and receives their head-averaged probabilities."""
 
-    def wants_attention(self) -> bool:  # pragma: no cover - interface
+    def rows(self) -> slice | None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def conditional_rows(self) -> slice:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def token_weights(self, num_tokens: int) -> torch.Tensor:  # pragma: no cover - interface
-        """(batch, num_tokens) weights over text tokens for each conditional row; a one-hot selects one token."""
-        raise NotImplementedError
-
-    def add_attention(self, layer: str, column: torch.Tensor) -> None:  # pragma: no cover - interface
+    def add(self, layer: str, probs: torch.Tensor) -> None:  # pragma: no cover - interface
+        """`probs`: float32 (rows, queries, tokens), softmax over the tokens, averaged over heads."""
         raise NotImplementedError
 
 
-def token_attention(
+def attention_probs(
     attn: torch.nn.Module,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    token_weights: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-averaged attention probability of each query on the weighted tokens of its sample: (batch, queries).
+    """Head-averaged attention probabilities of each query over the text tokens: float32 (batch, queries, tokens).
 
-    `token_weights` is (batch, tokens); a one-hot row reads one token's column. Computed in float32.
-
-    Mirrors the projections of diffusers' `AttnProcessor` (group norm, cross norm, per-head q/k norms) and computes
-    softmax(Q K^T * scale) explicitly, because fused kernels never expose the probabilities.
+    Mirrors the projections of diffusers' `AttnProcessor` (group norm, cross norm, per-head q/k norms, the attention
+    mask as an additive bias) and computes softmax(Q K^T * scale) explicitly in float32, because fused kernels never
+    expose the probabilities and half-precision softmax would round the small end-token values.
     """
     if hidden_states.ndim == 4:
         b, c, h, w = hidden_states.shape
@@ -122,35 +119,100 @@ def token_attention(
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
         scores = scores + mask.view(batch, heads, -1, key.shape[2]).float()
-    probs = scores.softmax(dim=-1).mean(dim=1)  # (batch, queries, tokens)
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+def token_attention(probs: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """Attention of each query on the weighted tokens of its sample: (batch, queries, tokens) x (batch, tokens) ->
+    (batch, queries). A one-hot row of `token_weights` reads one token's column."""
     return torch.bmm(probs, token_weights.to(probs.device, torch.float32)[:, :, None]).squeeze(2)
 
 
-class CaptureProcessor:
-    """Wraps a layer's processor; reads attention probabilities when the sink asks, and never changes the output."""
+def attention_grid(height: int, width: int, queries: int) -> tuple[int, int]:
+    """The (h, w) grid of `queries` attention positions over a height x width latent."""
+    # UNet downsamplers are stride-2 convs with padding 1: each level maps n to ceil(n / 2).
+    h, w = height, width
+    while h * w > queries and h > 1:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != queries:
+        raise MemlensError(f"cannot place {queries} attention queries on a {height}x{width} latent")
+    return h, w
 
-    def __init__(self, layer: str, original: Callable, sink: CaptureSink):
+
+class TokenColumns(AttentionSink):
+    """The one-token sink: per layer, the attention on weighted tokens (`weights(num_tokens)` -> (rows, tokens)),
+    summed over the calls captured while `rows` is set; `mean` averages them into one (rows, queries) map."""
+
+    def __init__(self, weights: Callable[[int], torch.Tensor], rows: slice | None = None):
+        self.weights = weights
+        self.wanted = rows
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def rows(self) -> slice | None:
+        return self.wanted
+
+    def add(self, layer: str, probs: torch.Tensor) -> None:
+        column = token_attention(probs, self.weights(probs.shape[2]))
+        if layer in self.sums:
+            self.sums[layer] += column
+            self.counts[layer] += 1
+        else:
+            self.sums[layer] = column
+            self.counts[layer] = 1
+
+    def mean(self) -> torch.Tensor:
+        """(rows, queries): the mean over captured calls of each layer, then over the layers."""
+        return torch.stack([self.sums[name] / self.counts[name] for name in self.sums]).mean(dim=0)
+
+
+class AllTokens(AttentionSink):
+    """The all-token sink: per layer, the probabilities over every token (rows, queries, tokens) of each captured
+    call, moved to the CPU (they are large; the one-token sink is what the probe uses)."""
+
+    def __init__(self, rows: slice | None = None):
+        self.wanted = rows
+        self.store: dict[str, list[torch.Tensor]] = {}
+
+    def rows(self) -> slice | None:
+        return self.wanted
+
+    def add(self, layer: str, probs: torch.Tensor) -> None:
+        self.store.setdefault(layer, []).append(probs.cpu())
+
+
+class CaptureProcessor:
+    """Wraps a layer's processor; computes attention probabilities for the sinks that ask, and never changes the
+    output. Several sinks share one processor (the probe and the analysis on the same run), and rows asked by more
+    than one sink are computed once."""
+
+    def __init__(self, layer: str, original: Callable):
         self.layer = layer
         self.original = original
-        self.sink = sink
+        self.sinks: list[AttentionSink] = []
         # diffusers' Attention.forward drops keyword arguments that the processor's __call__ does not name, so expose
         # the wrapped processor's signature; otherwise e.g. IP-Adapter's `ip_adapter_masks` would be silently lost.
         original_call = original.__call__
         self.__call__ = _with_signature(self._call, inspect.signature(original_call))
 
     def _call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if encoder_hidden_states is not None and self.sink.wants_attention():
+        if encoder_hidden_states is not None and self.sinks:
             text_states = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
-            rows = self.sink.conditional_rows()
-            with torch.no_grad():
-                column = token_attention(
-                    attn,
-                    hidden_states[rows],
-                    text_states[rows],
-                    self.sink.token_weights(text_states.shape[1]),
-                    None if attention_mask is None else attention_mask[rows],
-                )
-            self.sink.add_attention(self.layer, column)
+            computed: dict[tuple, torch.Tensor] = {}
+            for sink in self.sinks:
+                rows = sink.rows()
+                if rows is None:
+                    continue
+                key = (rows.start, rows.stop, rows.step)
+                if key not in computed:
+                    with torch.no_grad():
+                        computed[key] = attention_probs(
+                            attn,
+                            hidden_states[rows],
+                            text_states[rows],
+                            None if attention_mask is None else attention_mask[rows],
+                        )
+                sink.add(self.layer, computed[key])
         return self.original(
             attn, hidden_states, *args, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
         )
@@ -169,31 +231,38 @@ def _with_signature(fn: Callable, signature: inspect.Signature) -> Callable:
 
 
 @dataclass
-class InstalledCapture:
-    """Processors installed by `install`; `remove` puts back exactly what was there."""
+class Attachment:
+    """One sink attached to some layers by `attach`; `remove` detaches it and, once a layer's processor has no sinks
+    left, puts back exactly the processor that was there."""
 
     layers: list[CaptureLayer]
-    originals: dict[str, Callable]
+    sink: AttentionSink
     processors: dict[str, CaptureProcessor]
 
     def replaced_layers(self) -> list[str]:
-        """Layers whose probe processor was swapped out by someone else since installation."""
+        """Layers whose capture processor was swapped out by someone else since attaching."""
         return [l.name for l in self.layers if l.module.processor is not self.processors[l.name]]
 
     def remove(self) -> None:
         for layer in self.layers:
-            # Only undo our own change: a processor the user set while the probe was attached is theirs to keep.
-            if layer.module.processor is self.processors[layer.name]:
-                layer.module.set_processor(self.originals[layer.name])
+            proc = self.processors[layer.name]
+            if self.sink in proc.sinks:
+                proc.sinks.remove(self.sink)
+            # Only undo our own change: a processor the user set while attached is theirs to keep.
+            if not proc.sinks and layer.module.processor is proc:
+                layer.module.set_processor(proc.original)
+        self.processors = {}
+        self.layers = []
 
 
-def install(layers: list[CaptureLayer], sink: CaptureSink) -> InstalledCapture:
-    originals, processors = {}, {}
+def attach(layers: list[CaptureLayer], sink: AttentionSink) -> Attachment:
+    """Add `sink` to the capture processor of each layer, wrapping the layer's processor first if it has none."""
+    processors = {}
     for layer in layers:
         current = layer.module.processor
-        if isinstance(current, CaptureProcessor):
-            raise MemlensError(f"layer {layer.name} already carries a BrightEndingProbe; nest probes on copies only")
-        originals[layer.name] = current
-        processors[layer.name] = CaptureProcessor(layer.name, current, sink)
-        layer.module.set_processor(processors[layer.name])
-    return InstalledCapture(layers, originals, processors)
+        if not isinstance(current, CaptureProcessor):
+            current = CaptureProcessor(layer.name, current)
+            layer.module.set_processor(current)
+        current.sinks.append(sink)
+        processors[layer.name] = current
+    return Attachment(list(layers), sink, processors)

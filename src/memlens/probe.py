@@ -25,9 +25,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from memlens import capture
+from memlens import capture, quantities, unet_call
 from memlens.errors import MemlensError
 
 __all__ = ["BrightEndingProbe", "ImageRecord", "TOKEN_CHOICES", "token_weights"]
@@ -52,16 +51,16 @@ class ImageRecord:
         arrays = (self.be_map, self.magnitude, self.masked_magnitude, self.timesteps, self.energy)
         return sum(a.nbytes for a in arrays if a is not None)
 
-
-def attention_grid(height: int, width: int, queries: int) -> tuple[int, int]:
-    """The (h, w) grid of `queries` attention positions over a height x width latent."""
-    # UNet downsamplers are stride-2 convs with padding 1: each level maps n to ceil(n / 2).
-    h, w = height, width
-    while h * w > queries and h > 1:
-        h, w = (h + 1) // 2, (w + 1) // 2
-    if h * w != queries:
-        raise MemlensError(f"cannot place {queries} attention queries on a {height}x{width} latent")
-    return h, w
+    def masked_magnitude_with(self, mask: np.ndarray) -> np.ndarray:
+        """LD_t (steps,) with another mask (h, w), brought to latent size as the BE map is; needs keep_energy=True."""
+        if self.energy is None:
+            raise MemlensError("this record has no energy maps; record with BrightEndingProbe(..., keep_energy=True)")
+        m = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None]
+        if not float(m.mean()) > 0:
+            raise MemlensError("mask has no positive mass; LD is undefined for an all-zero mask")
+        e = torch.from_numpy(self.energy)[:, None]  # (steps, 1, H, W): one image
+        ld = quantities.magnitude(e, quantities.mask_to_latent(m, self.energy.shape[-2:]))
+        return ld[:, 0].numpy().astype(np.float32)
 
 
 TOKEN_CHOICES = ("eos", "padding")
@@ -84,18 +83,13 @@ def token_weights(token: str | int, eos: Sequence[int], num_tokens: int) -> torc
     return weights
 
 
-def _first_index(ids: Sequence[int], token_id: int) -> int:
-    for i, tok in enumerate(ids):
-        if tok == token_id:
-            return i
-    return len(ids) - 1
-
-
 class _Call:
     """State of one pipeline call, from its first UNet evaluation to its last."""
 
-    def __init__(self, timesteps: torch.Tensor, prompts: list[str], eos: list[int], per_prompt: int, cfg: bool):
+    def __init__(self, timesteps: torch.Tensor, prompts: list[str], eos: list[int], per_prompt: int, cfg: bool,
+                 token: str | int):
         self.timesteps = timesteps
+        self.token = token
         self.prompts = prompts
         self.eos = eos
         self.per_prompt = per_prompt
@@ -105,16 +99,21 @@ class _Call:
         self.latent_channels = 0
         self.steps: list[int] = []
         self.energy: list[torch.Tensor] = []  # per step (n, H, W) float32, on the UNet's device
-        self.maps: dict[str, torch.Tensor] = {}  # layer -> (n, queries) float32, summed over captured steps
-        self.map_counts: dict[str, int] = {}
         self.latent_hw: tuple[int, int] = (0, 0)
         self.capture_now = False
-        self.token_weights: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        # layer -> (n, queries) float32, summed over the captured steps
+        self.columns = capture.TokenColumns(self.token_weights, unet_call.read_rows(2 * len(eos), cfg))
         self.expect_layers: set[str] = set()
         self.seen_layers: set[str] = set()
 
+    def token_weights(self, num_tokens: int) -> torch.Tensor:
+        if self.weights is None or self.weights.shape[1] != num_tokens:
+            self.weights = token_weights(self.token, self.eos, num_tokens)
+        return self.weights
 
-class BrightEndingProbe(capture.CaptureSink):
+
+class BrightEndingProbe(capture.AttentionSink):
     """Records bright-ending maps and noise magnitudes from ordinary ``pipe(...)`` calls.
 
     Args:
@@ -129,7 +128,7 @@ class BrightEndingProbe(capture.CaptureSink):
         prompts / eos_indices: needed only when the pipeline is called with ``prompt_embeds`` instead of prompts;
             they apply to every such call until changed (set ``probe.prompts`` / ``probe.eos_indices``).
         keep_energy: keep each image's per-step energy maps (steps x H x W) so that other masks can be applied later
-            with `memlens.magnitude.masked_magnitude`. Off by default, to keep records small.
+            with `ImageRecord.masked_magnitude_with`. Off by default, to keep records small.
     """
 
     def __init__(
@@ -159,7 +158,7 @@ class BrightEndingProbe(capture.CaptureSink):
         self.eos_indices = list(eos_indices) if eos_indices is not None else None
         self.keep_energy = keep_energy
         self.records: list[ImageRecord] = []
-        self._installed: capture.InstalledCapture | None = None
+        self._installed: capture.Attachment | None = None
         self._hooks: list = []
         self._call: _Call | None = None
 
@@ -167,7 +166,7 @@ class BrightEndingProbe(capture.CaptureSink):
     def __enter__(self) -> "BrightEndingProbe":
         if self._installed is not None:
             raise MemlensError("this BrightEndingProbe is already attached")
-        self._installed = capture.install(self.layers, self)
+        self._installed = capture.attach(self.layers, self)
         try:
             self._hooks = [
                 self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True),
@@ -199,48 +198,16 @@ class BrightEndingProbe(capture.CaptureSink):
     def layer_names(self) -> list[str]:
         return [l.name for l in self.layers]
 
-    # -- CaptureSink -----------------------------------------------------------------------------------------------
-    def wants_attention(self) -> bool:
-        return self._call is not None and self._call.capture_now
-
-    def conditional_rows(self) -> slice:
-        n = len(self._call.eos)
-        return slice(n, 2 * n) if self._call.cfg else slice(0, n)
-
-    def token_weights(self, num_tokens: int) -> torch.Tensor:
+    # -- AttentionSink ---------------------------------------------------------------------------------------------
+    def rows(self) -> slice | None:
         call = self._call
-        if call.token_weights is None or call.token_weights.shape[1] != num_tokens:
-            call.token_weights = token_weights(self.token, call.eos, num_tokens)
-        return call.token_weights
+        return call.columns.rows() if call is not None and call.capture_now else None
 
-    def add_attention(self, layer: str, column: torch.Tensor) -> None:
-        call = self._call
-        if layer in call.maps:
-            call.maps[layer] += column
-            call.map_counts[layer] += 1
-        else:
-            call.maps[layer] = column.clone()
-            call.map_counts[layer] = 1
-        call.seen_layers.add(layer)
+    def add(self, layer: str, probs: torch.Tensor) -> None:
+        self._call.columns.add(layer, probs)
+        self._call.seen_layers.add(layer)
 
     # -- hooks -----------------------------------------------------------------------------------------------------
-    def _step_index(self, timestep, timesteps: torch.Tensor) -> int:
-        if torch.is_tensor(timestep) and timestep.numel() == 1 and timestep.dim() == 0:
-            same_storage = timestep.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
-            if same_storage and timesteps.dim() == 1 and timesteps.stride(0) != 0:
-                return (timestep.storage_offset() - timesteps.storage_offset()) // timesteps.stride(0)
-        # The pipeline passed a copy: match by value, moving forward from the last step seen.
-        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        start = self._call.last_step + 1 if self._call is not None else 0
-        values = timesteps.detach().cpu().double().tolist()
-        for i in range(max(start, 0), len(values)):
-            if values[i] == value:
-                return i
-        raise MemlensError(
-            f"the UNet was called with timestep {value}, which is not among pipe.scheduler.timesteps after step "
-            f"{start - 1}; the probe reads the step from the pipeline's scheduler"
-        )
-
     def _pipeline_call_arguments(self) -> dict:
         # The prompts a user passed are arguments of the pipeline's __call__, a few frames above this hook. Reading
         # them (never writing) keeps the probe attachable to a stock pipeline without wrapping its methods.
@@ -264,7 +231,7 @@ class BrightEndingProbe(capture.CaptureSink):
         if hasattr(self.pipe, "maybe_convert_prompt"):
             text = self.pipe.maybe_convert_prompt(list(prompts), tok)
         ids = tok(list(text), padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-        return [_first_index(row, tok.eos_token_id) for row in ids]
+        return quantities.first_eos(ids, tok.eos_token_id).tolist()
 
     def _start_call(self, timesteps: torch.Tensor, rows: int) -> _Call:
         args = self._pipeline_call_arguments()
@@ -301,18 +268,17 @@ class BrightEndingProbe(capture.CaptureSink):
             )
         per_prompt = images // len(prompts)
         eos_per_image = [e for e in eos for _ in range(per_prompt)]
-        return _Call(timesteps, prompts, eos_per_image, per_prompt, cfg)
+        return _Call(timesteps, prompts, eos_per_image, per_prompt, cfg, self.token)
 
     def _before_unet(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        sample, timestep = unet_call.sample_and_timestep(args, kwargs)
         timesteps = self.pipe.scheduler.timesteps
         if self._call is None or self._call.timesteps is not timesteps:
             # set_timesteps makes a new tensor each pipeline call; a new one means a new call (any unfinished
             # previous call was interrupted and is dropped).
             self._call = self._start_call(timesteps, sample.shape[0])
         call = self._call
-        step = self._step_index(timestep, timesteps)
+        step = unet_call.step_index(timestep, timesteps, after=call.last_step)
         if step <= call.last_step:
             raise MemlensError(
                 f"the UNet ran step {step} again after step {call.last_step}; the probe supports one UNet evaluation "
@@ -338,11 +304,8 @@ class BrightEndingProbe(capture.CaptureSink):
         call = self._call
         if call is None:
             return None
-        eps = output[0] if isinstance(output, (tuple, list)) else output.sample
-        eps_u, eps_c = eps.chunk(2)
-        # Models that also predict a variance put it after the noise channels.
-        diff = (eps_c[:, : call.latent_channels] - eps_u[:, : call.latent_channels]).float()
-        call.energy.append(diff.pow(2).sum(dim=1))
+        diff = quantities.guidance_difference(unet_call.prediction(output), call.latent_channels)
+        call.energy.append(quantities.energy(diff))
         call.steps.append(call.current_step)
         call.last_step = call.current_step
         if call.capture_now and call.seen_layers != call.expect_layers:
@@ -358,21 +321,17 @@ class BrightEndingProbe(capture.CaptureSink):
 
     def _finish(self, call: _Call) -> None:
         self._call = None
-        if not call.maps:
+        if not call.columns.sums:
             raise MemlensError(
                 f"the run ended without reaching a captured step {self.steps} (it ran steps {call.steps[0]}.."
                 f"{call.steps[-1]} of {len(call.timesteps)})"
             )
-        maps = torch.stack([call.maps[name] / call.map_counts[name] for name in call.maps]).mean(dim=0)
-        height, width = call.latent_hw
-        h, w = attention_grid(height, width, maps.shape[1])
+        maps = call.columns.mean()
+        h, w = capture.attention_grid(*call.latent_hw, maps.shape[1])
         be_maps = maps.view(-1, h, w)
-        mask = be_maps
-        if (h, w) != (height, width):
-            mask = F.interpolate(be_maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         energy = torch.stack(call.energy)  # (steps, n, H, W)
-        d = energy.flatten(2).sum(dim=2).sqrt()
-        ld = (energy * mask[None].pow(2)).flatten(2).sum(dim=2).sqrt() / mask.flatten(1).mean(dim=1)[None]
+        d = quantities.magnitude(energy)
+        ld = quantities.magnitude(energy, quantities.mask_to_latent(be_maps, call.latent_hw))
         be_np = be_maps.cpu().numpy().astype(np.float32)
         d_np = d.T.cpu().numpy().astype(np.float32)
         ld_np = ld.T.cpu().numpy().astype(np.float32)

@@ -7,8 +7,8 @@
 - `first_step`: runs the stock pipeline until its first UNet call and keeps that call's arguments (scaled latents,
   first timestep, SDXL's added conditions ...), then stops it. A mitigation re-evaluates the UNet on those arguments
   with other text embeddings; nothing about the model (timestep spacing, time ids, scaling) is re-derived here.
-- `image_magnitude`: per-image D = ||eps_c - eps_u||_2, or LD = ||(eps_c - eps_u) * m||_2 / mean(m) with the mask
-  upsampled bilinearly to the latent, the same definitions the probe records.
+- `image_magnitude` and `mask_tensor`: per-image D or LD and the masks for it, from `memlens.quantities`, the same
+  functions the probe records with.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from memlens import quantities, unet_call
 from memlens.errors import MemlensError
 
 __all__ = ["Conditioning", "encode", "draw_noise", "first_step", "FirstStep", "image_magnitude", "mask_tensor"]
@@ -102,29 +102,19 @@ class FirstStep:
     n: int
     latent_channels: int
 
-    def _select(self, value, idx2: torch.Tensor):
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 2 * self.n:
-            return value.index_select(0, idx2.to(value.device))
-        if isinstance(value, dict):
-            return {k: self._select(v, idx2) for k, v in value.items()}
-        return value
-
     def eps_diff(self, embeds: torch.Tensor | None = None, rows: Sequence[int] | None = None) -> torch.Tensor:
         """eps_c - eps_u of the chosen rows (all by default), float32 (k, C, H, W), with the conditional text
         embeddings replaced by `embeds` (k, L, D) when given. Differentiable in `embeds`."""
         rows = list(range(self.n)) if rows is None else list(rows)
         k = len(rows)
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        idx2 = torch.cat([idx, idx + self.n])
-        args = tuple(self._select(a, idx2) for a in self.args)
-        kwargs = {key: self._select(v, idx2) for key, v in self.kwargs.items()}
+        index = unet_call.paired_rows(rows, self.n)
+        args = tuple(unet_call.select_rows(a, index, 2 * self.n) for a in self.args)
+        kwargs = {key: unet_call.select_rows(v, index, 2 * self.n) for key, v in self.kwargs.items()}
         if embeds is not None:
             text = kwargs["encoder_hidden_states"]
             kwargs["encoder_hidden_states"] = torch.cat([text[:k], embeds.to(text.dtype)])
         kwargs["return_dict"] = False
-        eps = self.unet(*args, **kwargs)[0]
-        eps_u, eps_c = eps[:, : self.latent_channels].chunk(2)
-        return (eps_c - eps_u).float()
+        return quantities.guidance_difference(self.unet(*args, **kwargs)[0], self.latent_channels)
 
 
 def first_step(pipe, cond: Conditioning, noise: torch.Tensor, *, steps: int, guidance: float, height: int, width: int) -> FirstStep:
@@ -133,7 +123,7 @@ def first_step(pipe, cond: Conditioning, noise: torch.Tensor, *, steps: int, gui
         raise MemlensError("mitigation measures eps_c - eps_u and so needs classifier-free guidance (--guidance > 1)")
     seen: dict = {}
 
-    def grab(module, args, kwargs):
+    def grab(module, args, kwargs):  # the first UNet call; the rest of the loop is never run
         seen["args"], seen["kwargs"] = args, dict(kwargs)
         raise _Stop
 
@@ -148,7 +138,7 @@ def first_step(pipe, cond: Conditioning, noise: torch.Tensor, *, steps: int, gui
     if "args" not in seen:
         raise MemlensError(f"{type(pipe).__name__} finished without calling its UNet")
     args, kwargs = seen["args"], seen["kwargs"]
-    sample = args[0] if args else kwargs["sample"]
+    sample, _ = unet_call.sample_and_timestep(args, kwargs)
     n = len(cond)
     if sample.shape[0] != 2 * n:
         raise MemlensError(f"the pipeline's first UNet batch has {sample.shape[0]} rows, expected {2 * n} ([u, c] x {n})")
@@ -156,16 +146,10 @@ def first_step(pipe, cond: Conditioning, noise: torch.Tensor, *, steps: int, gui
 
 
 def mask_tensor(masks: Sequence[np.ndarray] | np.ndarray, size: tuple[int, int], device, dtype=torch.float32) -> torch.Tensor:
-    """BE maps (k, h, w) upsampled bilinearly to the latent size (k, H, W), as the probe upsamples them."""
+    """BE maps (k, h, w) as numpy, brought to the latent size (k, H, W) by `quantities.mask_to_latent`."""
     m = torch.as_tensor(np.stack([np.asarray(x, dtype=np.float32) for x in masks]), device=device)
-    if tuple(m.shape[-2:]) != tuple(size):
-        m = F.interpolate(m[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-    return m.to(dtype)
+    return quantities.mask_to_latent(m, size).to(dtype)
 
 
-def image_magnitude(diff: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-image D (masks None) or LD (masks (k, H, W) at the latent size) of eps_c - eps_u, shape (k,)."""
-    if masks is None:
-        return diff.flatten(1).norm(dim=1)
-    m = masks.to(diff)
-    return (diff * m[:, None]).flatten(1).norm(dim=1) / m.flatten(1).mean(dim=1)
+# Per-image D (masks None) or LD (masks (k, H, W) at the latent size) of eps_c - eps_u, shape (k,).
+image_magnitude = quantities.difference_magnitude

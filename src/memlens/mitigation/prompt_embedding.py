@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memlens.mitigation.conditioning import FirstStep, image_magnitude
+from memlens.mitigation.conditioning import FirstStep
+from memlens.quantities import difference_magnitude
 
 __all__ = ["PEResult", "optimize_embeddings", "DEFAULT_LR", "DEFAULT_ITERS"]
 
@@ -61,7 +62,7 @@ def optimize_embeddings(
     """
     n = embeds.shape[0]
     with torch.no_grad():
-        initial = image_magnitude(step.eps_diff(embeds), masks).tolist()
+        initial = difference_magnitude(step.eps_diff(embeds), masks).tolist()
     triggered = [v > target for v in initial]
     out = embeds.detach().clone()
     final = list(initial)
@@ -74,7 +75,7 @@ def optimize_embeddings(
     active = sorted(params)
     while active:
         rows = torch.cat([torch.cat([bos[i], params[i].to(embeds.dtype)])[None] for i in active])
-        losses = image_magnitude(step.eps_diff(rows, rows=active), None if masks is None else masks[active])
+        losses = difference_magnitude(step.eps_diff(rows, rows=active), None if masks is None else masks[active])
         values = losses.detach().tolist()
         stepping = []
         for j, i in enumerate(active):

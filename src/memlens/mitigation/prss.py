@@ -35,8 +35,9 @@ from typing import Sequence
 
 import torch
 
+from memlens import quantities, unet_call
 from memlens.errors import InputError, MemlensError
-from memlens.mitigation.conditioning import Conditioning, image_magnitude
+from memlens.mitigation.conditioning import Conditioning
 
 __all__ = ["SearchResult", "choose_candidates", "reanchor_scale", "reanchor_eps", "PromptReanchor", "validate_pr"]
 
@@ -123,23 +124,18 @@ class PromptReanchor:
         self._handles = []
 
     # -- hooks -----------------------------------------------------------------------------------------------------
-    def _extend(self, value, n: int):
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 2 * n:
-            return torch.cat([value, value[n:]])
-        if isinstance(value, dict):
-            return {k: self._extend(v, n) for k, v in value.items()}
-        return value
-
     def _expand(self, module, args, kwargs):
         n = len(self.original)
-        sample = args[0] if args else kwargs["sample"]
+        sample, _ = unet_call.sample_and_timestep(args, kwargs)
         if sample.shape[0] != 2 * n:
             raise MemlensError(
                 f"PromptReanchor was set up for {n} images but the UNet got {sample.shape[0]} rows; it needs CFG and "
                 "one row of `original` per image of the call"
             )
-        args = tuple(self._extend(a, n) for a in args)
-        kwargs = {k: self._extend(v, n) for k, v in kwargs.items()}
+        # [u, m] -> [u, m, m]: every per-row argument gets a third block, whose text is then set to the original's.
+        index = torch.cat([torch.arange(2 * n), torch.arange(n, 2 * n)])
+        args = tuple(unet_call.select_rows(a, index, 2 * n) for a in args)
+        kwargs = {k: unet_call.select_rows(v, index, 2 * n) for k, v in kwargs.items()}
         text = kwargs["encoder_hidden_states"]
         kwargs["encoder_hidden_states"] = torch.cat([text[: 2 * n], self.original.embeds.to(text)])
         added = kwargs.get("added_cond_kwargs")
@@ -150,12 +146,11 @@ class PromptReanchor:
 
     def _fold(self, module, args, kwargs, output):
         n = len(self.original)
-        eps = output[0] if isinstance(output, (tuple, list)) else output.sample
+        eps = unet_call.prediction(output)
         eps_u, eps_m, eps_o = eps[:n], eps[n : 2 * n], eps[2 * n :]
         g = float(self.pipe.guidance_scale)
-        channels = (args[0] if args else kwargs["sample"]).shape[1]
-        diff = (eps_m[:, :channels] - eps_u[:, :channels]).float()
-        mag = image_magnitude(diff, self.masks)
+        channels = unet_call.sample_and_timestep(args, kwargs)[0].shape[1]
+        mag = quantities.difference_magnitude(quantities.guidance_difference(eps[: 2 * n], channels), self.masks)
         on = self.active.to(mag.device) & (mag > self.l)
         guided_text = eps_m
         if bool(on.any()):
@@ -166,9 +161,4 @@ class PromptReanchor:
             guided_text = torch.where(on.view(-1, *([1] * (eps_m.dim() - 1))), folded, eps_m)
             for i in on.nonzero().flatten().tolist():
                 self.reanchored_steps[i] += 1
-        new = torch.cat([eps_u, guided_text])
-        if isinstance(output, tuple):
-            return (new, *output[1:])
-        if isinstance(output, list):
-            return [new, *output[1:]]
-        return type(output)(sample=new)
+        return unet_call.with_prediction(output, torch.cat([eps_u, guided_text]))

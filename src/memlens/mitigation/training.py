@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from memlens import capture
-from memlens.probe import attention_grid, token_weights
+from memlens import capture, quantities
 from memlens.errors import InputError
+from memlens.probe import token_weights
 
 __all__ = ["SampleMagnitudes", "sample_magnitudes", "filter_mask", "eos_positions", "TrainingFilter", "finetune", "CRITERIA"]
 
@@ -44,35 +43,14 @@ class SampleMagnitudes:
     masks: torch.Tensor | None = None  # (B, h, w) float32 BE maps at the captured layers' resolution
 
 
-def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Index of the first end token in each row of padded ids (the last position if a row has none)."""
-    hit = input_ids == eos_token_id
-    last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
-    return torch.where(hit.any(dim=1), hit.float().argmax(dim=1), last)
+# The end-token position of each row of padded ids, under the name training scripts import.
+eos_positions = quantities.first_eos
 
 
-class _Sink(capture.CaptureSink):
-    """Collects the end-token attention column of the conditional rows of one UNet call."""
-
-    def __init__(self, rows: slice, tokens: torch.Tensor):
-        self.rows, self.tokens = rows, tokens
-        self.columns: list[torch.Tensor] = []
-
-    def wants_attention(self) -> bool:
-        return True
-
-    def conditional_rows(self) -> slice:
-        return self.rows
-
-    def token_weights(self, num_tokens: int) -> torch.Tensor:
-        return token_weights("eos", self.tokens.tolist(), num_tokens)
-
-    def add_attention(self, layer: str, column: torch.Tensor) -> None:
-        self.columns.append(column)
-
-
-def _grid(queries: int, height: int, width: int) -> tuple[int, int]:
-    return attention_grid(height, width, queries)
+def _end_token_sink(rows: slice, tokens: torch.Tensor) -> capture.TokenColumns:
+    """The probe's sink, reading each sample's end-token column from `rows` of the batch."""
+    eos = tokens.tolist()
+    return capture.TokenColumns(lambda num_tokens: token_weights("eos", eos, num_tokens), rows)
 
 
 def _expand(x: torch.Tensor | None, b: int) -> torch.Tensor | None:
@@ -119,8 +97,8 @@ def sample_magnitudes(
     sink = None
     try:
         if masked and mask_inputs is None:
-            sink = _Sink(slice(b, 2 * b), tokens)
-            installed = capture.install(capture.select_layers(model, layers), sink)
+            sink = _end_token_sink(slice(b, 2 * b), tokens)
+            installed = capture.attach(capture.select_layers(model, layers), sink)
         added = None
         if added_cond_kwargs is not None:
             un = uncond_added_cond_kwargs or added_cond_kwargs
@@ -135,24 +113,21 @@ def sample_magnitudes(
         if installed is not None:
             installed.remove()
             installed = None
-        channels = noisy.shape[1]
-        diff = (eps[b:, :channels] - eps[:b, :channels]).float()
-        d = diff.flatten(1).norm(dim=1)
+        diff = quantities.guidance_difference(eps, noisy.shape[1])
+        d = quantities.difference_magnitude(diff)
         if not masked:
             return SampleMagnitudes(d)
         if mask_inputs is not None:
             x_low, t_low = mask_inputs
-            sink = _Sink(slice(0, b), tokens)
-            installed = capture.install(capture.select_layers(model, layers), sink)
+            sink = _end_token_sink(slice(0, b), tokens)
+            installed = capture.attach(capture.select_layers(model, layers), sink)
             model(x_low, t_low, encoder_hidden_states=cond, added_cond_kwargs=added_cond_kwargs, return_dict=False)
             installed.remove()
             installed = None
-        columns = torch.stack(sink.columns).mean(dim=0)  # (B, queries), averaged over the captured layers
-        h, w = _grid(columns.shape[1], noisy.shape[-2], noisy.shape[-1])
+        columns = sink.mean()  # (B, queries), averaged over the captured layers
+        h, w = capture.attention_grid(noisy.shape[-2], noisy.shape[-1], columns.shape[1])
         maps = columns.view(b, h, w).float()
-        m = maps if (h, w) == tuple(noisy.shape[-2:]) else F.interpolate(
-            maps[:, None], size=noisy.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        ld = (diff * m[:, None]).flatten(1).norm(dim=1) / m.flatten(1).mean(dim=1)
+        ld = quantities.difference_magnitude(diff, quantities.mask_to_latent(maps, noisy.shape[-2:]))
         return SampleMagnitudes(d, ld, maps)
     finally:
         if installed is not None:
@@ -210,7 +185,7 @@ class TrainingFilter:
             encoder.train(was_training)
         extra = {}
         if self.criterion == "LD":
-            extra = {"eos_indices": eos_positions(input_ids, self.eos_token_id), "layers": self.layers}
+            extra = {"eos_indices": quantities.first_eos(input_ids, self.eos_token_id), "layers": self.layers}
         return filter_mask(unet, noisy, timesteps, cond.detach(), uncond, self.threshold, self.criterion, **extra)
 
 

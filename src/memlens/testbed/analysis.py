@@ -15,71 +15,55 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from memlens import capture, quantities, unet_call
 from memlens.testbed.evaluation import MATCH_CORR, Prompt, score_generation
-
-
-class _FullAttention:
-    """Wraps a cross-attention processor; at the flagged step stores head-mean probabilities (B, Q, T)."""
-
-    def __init__(self, name, original, store, flag):
-        self.name, self.original, self.store, self.flag = name, original, store, flag
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
-        if self.flag["on"] and encoder_hidden_states is not None:
-            with torch.no_grad():
-                q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-                k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-                probs = attn.get_attention_scores(q, k, None)
-                b = hidden_states.shape[0]
-                probs = probs.view(b, attn.heads, *probs.shape[1:]).mean(1)
-                # With classifier-free guidance the batch is [unconditional, conditional]; keep the conditional half.
-                keep = probs[b // 2 :] if self.flag["cfg"] else probs
-                self.store[self.name].append(keep.float().cpu())
-        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                             attention_mask=attention_mask, **kw)
 
 
 class FullAttention:
     """Context manager: keeps the last-step, head-mean, conditional-branch attention over all tokens of every
-    cross-attention layer. Install it before a `BrightEndingProbe` (the probe then wraps these processors)."""
+    cross-attention layer, as an `AllTokens` sink on memlens' one capture processor (float32, honouring the
+    attention mask). It shares the processors with a `BrightEndingProbe` attached in the same run, in either order."""
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.store = defaultdict(list)
-        self.flag = {"on": False, "cfg": True}
+        self.sink = capture.AllTokens()
+        self.latent_hw: tuple[int, int] | None = None
+        self._last = (None, -1)  # (the call's timesteps tensor, the last step seen in it)
 
     def __enter__(self):
-        self.originals = {}
-        for name, mod in self.pipe.unet.named_modules():
-            if getattr(mod, "is_cross_attention", False) and hasattr(mod, "set_processor"):
-                self.originals[name] = mod.processor
-                mod.set_processor(_FullAttention(name, mod.processor, self.store, self.flag))
+        unet = self.pipe.unet
+        self._attached = capture.attach(capture.cross_attention_layers(unet), self.sink)
 
         def pre(module, args, kwargs):
-            t = args[1] if len(args) > 1 else kwargs["timestep"]
-            self.flag["on"] = float(t) == float(self.pipe.scheduler.timesteps[-1])
+            sample, t = unet_call.sample_and_timestep(args, kwargs)
+            timesteps = self.pipe.scheduler.timesteps
+            after = self._last[1] if self._last[0] is timesteps else -1
+            step = unet_call.step_index(t, timesteps, after=after)
+            self._last = (timesteps, step)
             # diffusers skips the unconditional branch at guidance <= 1; the pipeline says which it is doing
-            self.flag["cfg"] = bool(getattr(self.pipe, "do_classifier_free_guidance", True))
+            cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", True))
+            last = step == len(timesteps) - 1
+            self.sink.wanted = unet_call.read_rows(sample.shape[0], cfg) if last else None
+            self.latent_hw = (sample.shape[-2], sample.shape[-1])
 
-        self.hook = self.pipe.unet.register_forward_pre_hook(pre, with_kwargs=True)
+        self.hook = unet.register_forward_pre_hook(pre, with_kwargs=True)
         return self
 
     def __exit__(self, *exc):
         self.hook.remove()
-        for name, mod in self.pipe.unet.named_modules():
-            if name in self.originals:
-                mod.set_processor(self.originals[name])
+        self._attached.remove()
+        self.sink.wanted = None
 
     def maps(self) -> dict[str, np.ndarray]:
         """Per block (e.g. down_blocks.0): (N, h, w, T) attention of all images so far, averaged over its layers."""
         blocks = defaultdict(list)
-        for name, probs in self.store.items():
+        for name, probs in self.sink.store.items():
             blocks[".".join(name.split(".")[:2])].append(torch.cat(probs))
         out = {}
         for block, arrs in blocks.items():
             p = torch.stack(arrs).mean(0)  # (N, Q, T)
-            side = int(round(p.shape[1] ** 0.5))
-            out[block] = p.view(p.shape[0], side, side, p.shape[2]).numpy()
+            h, w = capture.attention_grid(*self.latent_hw, p.shape[1])
+            out[block] = p.view(p.shape[0], h, w, p.shape[2]).numpy()
         return out
 
 
@@ -170,7 +154,7 @@ def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=Non
     texts = [p.text for p in prompts]
     images, maps = last_step_attention(pipe, texts, per_prompt, steps, guidance, seed)
     ids = tokenize(pipe.tokenizer, texts)
-    eos = [int((row == pipe.tokenizer.eos_token_id).nonzero()[0]) for row in ids]
+    eos = quantities.first_eos(ids, pipe.tokenizer.eos_token_id).tolist()
     gens = []
     for i, img in enumerate(images):
         p = prompts[i // per_prompt]

@@ -75,7 +75,7 @@ class _TokenMapsProbe:
 
     def clear(self) -> None:
         self.probe.clear()
-        self.full.store.clear()
+        self.full.sink.store.clear()
 
     @property
     def records(self):

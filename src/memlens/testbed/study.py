@@ -12,6 +12,7 @@ with its own seeds or layouts (one per core, say).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -131,10 +132,29 @@ def run_study(data_dir: str | Path, out_dir: str | Path, config: StudyConfig | N
     for layout in config.layouts:
         for seed in config.seeds:
             run_dir = out / f"{layout}_s{seed}"
-            row = run_one(data_dir, run_dir, layout, seed, config, progress)
-            (run_dir / "row.json").write_text(json.dumps(row, indent=1, default=float))
+            with _claim(run_dir) as mine:
+                if not mine:  # another process is training this run; it writes the row when done
+                    continue
+                row = run_one(data_dir, run_dir, layout, seed, config, progress)
+                (run_dir / "row.json").write_text(json.dumps(row, indent=1, default=float))
             _write_tables(out)
     return {"runs": _rows(out)}
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path):
+    """An exclusive, non-blocking lock on one run, so several study processes can share a folder; the OS drops it
+    when a process dies, so a killed process never leaves a run claimed."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _rows(out: Path) -> list[dict]:
