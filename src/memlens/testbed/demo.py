@@ -54,7 +54,7 @@ class _TokenMapsProbe:
         from memlens.probe import BrightEndingProbe
         from memlens.testbed.analysis import FullAttention
 
-        # FullAttention goes on first so that the probe wraps it; it only adds the other tokens' maps.
+        # The all-token reader shares the probe's capture processors; it only adds the other tokens' maps.
         self.full = FullAttention(pipe)
         self.probe = BrightEndingProbe(pipe, **options)
 
