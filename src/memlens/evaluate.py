@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from memlens.errors import InputError
-from memlens.rundir import Generation, atomic_write_bytes, jsonable, read_generations, write_json
+from memlens.rundir import Generation, atomic_write_bytes, read_generations, write_json
 
 __all__ = ["DetectionResult", "detection_results", "localization_results", "similarity_results",
            "roc_figure_png", "reference_images", "read_mask", "mask_path", "write_detection"]

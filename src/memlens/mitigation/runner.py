@@ -16,11 +16,17 @@ Order of work for a batch (each image has its own seed, so its x_T does not depe
 
 from __future__ import annotations
 
+import json
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+
+from memlens import rundir
 
 from memlens.errors import InputError
 from memlens.mitigation import baselines
@@ -328,7 +334,9 @@ def _method_settings(s: Settings) -> dict:
 
 @dataclass(frozen=True)
 class MitigationResult:
-    path: Any
+    """What a mitigation run left in its folder, and the settings it resolved (steps and guidance included)."""
+
+    path: Path
     status: str
     num_records: int
     num_images: int
@@ -341,17 +349,9 @@ def run_mitigation(pipe_or_model: Any, prompts: Any, out_dir: Any, settings: Set
                    model_name: str | None = None, progress: bool = True) -> MitigationResult:
     """Mitigate every image of `prompts` into `out_dir` (the scan's layout, `kind: "mitigate"`); `pipe_or_model` is a
     pipeline or a MODEL string. Rerunning with the same settings resumes. Seeds and batches are the scan's."""
-    import json
-    import time
-    from pathlib import Path
-
-    import numpy as np
-
-    from memlens import rundir
-    from memlens.maps import save_png
     from memlens.models import pipeline_facts
     from memlens.scan import (_check_positive, _progress_bar, batches_of, library_versions, open_pipeline,
-                              prompt_identity, resolve_prompts, save_generation, scan_items)
+                              prompt_identity, resolve_prompts, scan_items)
 
     _check_positive(num_images=num_images, batch_size=batch_size)
     settings.validate()
@@ -375,7 +375,6 @@ def run_mitigation(pipe_or_model: Any, prompts: Any, out_dir: Any, settings: Set
         "batch_size": batch_size,
     }))
     items = scan_items([num_images] * len(records), seed)
-    now = lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # noqa: E731
     t0 = time.perf_counter()
     run = rundir.open_run(out, "mitigate", run_settings, _COMPARED)
     with run.log as log:
@@ -385,7 +384,7 @@ def run_mitigation(pipe_or_model: Any, prompts: Any, out_dir: Any, settings: Set
             (out / sub).mkdir(parents=True, exist_ok=True)
         rundir.write_run_json(out, {
             "format": rundir.FORMAT, "kind": "mitigate", "status": "running",
-            "started_at": (previous or {}).get("started_at") or now(), "runs": (previous or {}).get("runs", 0) + 1,
+            "started_at": (previous or {}).get("started_at") or _now(), "runs": (previous or {}).get("runs", 0) + 1,
             "settings": run_settings, "versions": library_versions(), "pipeline": facts,
         })
         bar = _progress_bar(len(items), already, progress, 1)
@@ -396,7 +395,7 @@ def run_mitigation(pipe_or_model: Any, prompts: Any, out_dir: Any, settings: Set
             jobs = [Job(records[it.prompt_index].prompt, it.seed, tuple(records[it.prompt_index].captions))
                     for it in batch]
             outcomes = mitigate_batch(pipe, jobs, settings)
-            lines = [_write(out, it, records[it.prompt_index], o, settings.method, save_generation, save_png, np)
+            lines = [_write(out, it, records[it.prompt_index], o, settings.method)
                      for it, o in zip(batch, outcomes) if it.key not in done]
             log.append(lines)
             bar.update(len(lines))
@@ -404,13 +403,20 @@ def run_mitigation(pipe_or_model: Any, prompts: Any, out_dir: Any, settings: Set
     merged = rundir.merge(out)
     info = rundir.read_run_json(out) or {}
     status = "complete" if len(merged) == len(items) else "incomplete"
-    info.update(status=status, finished_at=now(), num_records=len(merged), seconds=round(time.perf_counter() - t0, 2))
+    info.update(status=status, finished_at=_now(), num_records=len(merged), seconds=round(time.perf_counter() - t0, 2))
     rundir.write_run_json(out, info)
     return MitigationResult(Path(out), status, len(merged), len(items), already, settings)
 
 
-def _write(out, item, src, o: Outcome, method: str, save_generation, save_png, np):
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _write(out: Path, item, src, o: Outcome, method: str):
     # The scan's own writer gives the image, map and overlay files and every scan key; mitigation adds its own.
+    from memlens.maps import save_png
+    from memlens.scan import save_generation
+
     gen = save_generation(out, src, item, o.image, o.record)
     extra = {
         "method": method,
