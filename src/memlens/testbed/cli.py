@@ -114,6 +114,44 @@ def train_command(
     typer.echo(f"wrote {path}")
 
 
+@app.command("analyze")
+def analyze_command(
+    model_dir: Path = typer.Argument(..., help="Organism folder (e.g. src/memlens/testbed/weights)."),
+    out_json: Path = typer.Argument(..., help="Result JSON; a grid of images and END maps goes beside it (.png)."),
+    per_prompt: int = typer.Option(4, "--per-prompt", min=1, help="Images per prompt."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Default: the organism's recommendation."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="DDIM steps; default: the organism's."),
+    seed: int = typer.Option(0, "--seed"),
+    trajectory: Optional[str] = typer.Option(
+        None, "--trajectory", metavar="GROUP", help="Instead: follow GROUP's prompt through sampling and report, "
+        "every 5 steps, the x0 prediction's mean correlation with each memorized item of its kind."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default 1 on a CPU)."),
+) -> None:
+    """Which token and which block carry the bright-ending signal in an organism (docs/organism.md)."""
+    import json
+
+    from memlens.cli import set_threads
+    from memlens.rundir import check_output_file, write_json
+    from memlens.testbed import analysis
+
+    check_output_file(out_json, "out_json")
+    set_threads(threads, "cpu")
+    if trajectory:
+        result = analysis.trajectory(model_dir, trajectory, per_prompt=per_prompt, steps=steps, guidance=guidance,
+                                     seed=seed)
+        write_json(out_json, result)
+        for row in result["rows"]:
+            typer.echo(json.dumps(row))
+        return
+    grid = str(out_json).removesuffix(".json") + ".png"
+    result = analysis.analyse(model_dir, per_prompt=per_prompt, steps=steps, guidance=guidance, seed=seed, grid=grid)
+    write_json(out_json, result)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "blocks"}, indent=1))
+    for block, res in result.get("blocks", {}).items():
+        typer.echo(f"{block} " + json.dumps({t: (None if v["pixel_auroc"] is None else round(v["pixel_auroc"], 3))
+                                              for t, v in res.items()}))
+
+
 @app.command("pretrain-clip")
 def pretrain_clip_command(
     data: Path = typer.Option(..., "--data", help="imagefolder dataset (metadata.jsonl with file_name, text)."),

@@ -101,7 +101,7 @@ def evaluate_run(org_dir: Path, eval_dir: Path, demo_seed: int) -> dict:
     fresh = summary is not None and summary_path.stat().st_mtime > weights.stat().st_mtime and \
         summary.get("settings", {}).get("items_from") == "organism"
     if not fresh:
-        summary = run_demo(eval_dir, model=org_dir, seed=demo_seed, verbose=False)
+        summary = run_demo(eval_dir, organism=org_dir, seed=demo_seed, progress=False).summary
     return {k: summary[k] for k in ("memorization_rate", "novelty", "localization", "localization_by_token",
                                     "detection") if k in summary} | \
         {k: summary[k] for k in ("localization_by_size",) if k in summary}
