@@ -246,7 +246,7 @@ def demo_command(
         "--model", help="Organism folder (with ground_truth/); default: the one shipped in memlens.")] = None,
     per_memorized: Annotated[int, typer.Option("--per-memorized", min=1, help="Images per memorized prompt.")] = 8,
     per_generic: Annotated[int, typer.Option("--per-generic", min=1, help="Images per generic prompt.")] = 2,
-    n_generic: Annotated[int, typer.Option("--n-generic", min=1, help="Generic prompts (from the organism).")] = 16,
+    n_generic: Annotated[int, typer.Option("--n-generic", min=1, help="Generic prompts (from the organism).")] = 64,
     steps: Annotated[Optional[int], typer.Option(
         "--steps", min=1, help="DDIM steps (default: the organism's recommendation).")] = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Guidance scale (default: the organism's).")] = None,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from memlens import capture, quantities, unet_call
+from memlens.testbed.tokens import token_maps
 from memlens.testbed.evaluation import MATCH_CORR, Prompt, score_generation
 
 
@@ -109,12 +110,6 @@ def x0_trajectory(pipe, prompt: str, per_prompt: int = 8, steps: int | None = No
     return timesteps, arr
 
 
-def token_maps(att: np.ndarray, eos: int) -> dict[str, np.ndarray]:
-    """(h, w, T) attention of one image -> named (h, w) maps."""
-    return {"END": att[..., eos], "BOS": att[..., 0], "word_mean": att[..., 1:eos].mean(-1),
-            "padding": att[..., eos + 1 :].mean(-1) if eos + 1 < att.shape[-1] else att[..., eos]}
-
-
 def _save_grid(images, end_maps, per_prompt, path) -> None:
     """One row per prompt: its images, then their down_blocks.0 END maps (each min-max scaled)."""
     from PIL import Image
@@ -160,7 +155,7 @@ def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=Non
         p = prompts[i // per_prompt]
         gens.append({"p": p, "eos": eos[i // per_prompt], **score_generation(np.asarray(img), p.kind, p.group, items)})
     if grid:
-        end = [token_maps(maps["down_blocks.0"][i], g["eos"])["END"] for i, g in enumerate(gens)]
+        end = [token_maps(maps["down_blocks.0"][i], g["eos"])["end"] for i, g in enumerate(gens)]
         _save_grid(images, end, per_prompt, grid)
     result = {"guidance": guidance, "steps": steps, "per_prompt": per_prompt,
               "reproduce": {k: float(np.mean([g["reproduces_own"] for g in gens if g["p"].kind == k]))
@@ -171,7 +166,7 @@ def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=Non
               "blocks": {}}
     for block, att in maps.items():
         res = {}
-        for tok in ("END", "BOS", "word_mean", "padding"):
+        for tok in ("end", "bos", "word_mean", "pad_mean"):
             tm = [token_maps(att[i], g["eos"])[tok] for i, g in enumerate(gens)]
             loc_idx = [i for i, g in enumerate(gens) if g["p"].kind == "local" and g["reproduces_own"]]
             loc = localization([tm[i] for i in loc_idx], [items[gens[i]["p"].group].mask for i in loc_idx])

@@ -201,6 +201,8 @@ def study_command(
     clip_steps: int = typer.Option(1500, "--clip-steps", min=1),
     steps: int = typer.Option(4000, "--steps", min=1, help="UNet training steps."),
     threads: int = typer.Option(1, "--threads", min=1),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Score each run with the demo (--no-eval: train "
+                                  "only; rerun with --eval later, which skips finished training)."),
     progress: bool = typer.Option(False, "--progress/--no-progress"),
 ) -> None:
     """Train the organism recipe over seeds and padding layouts and tabulate, per token, where BE sits."""
@@ -211,6 +213,6 @@ def study_command(
     torch.set_num_threads(threads)
     config = StudyConfig(seeds=_int_list("--seeds", seeds), layouts=[x.strip() for x in layouts.split(",")],
                          demo_seeds=_int_list("--demo-seeds", demo_seeds), clip_steps=clip_steps, steps=steps,
-                         threads=threads)
+                         threads=threads, evaluate=evaluate)
     run_study(data, out, config, progress=progress)
     typer.echo(f"wrote {out}/study.json and {out}/study.md")

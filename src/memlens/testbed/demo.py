@@ -35,7 +35,6 @@ DETECTION = "detection.json"
 LOCALIZATION = "localization.json"
 # Besides the scan's own files, what the demo keeps in its folder (a rerun may find them there).
 OWN_FILES = (MASKS, GROUND_TRUTH, SUMMARY, REPORT, DETECTION, "detection.roc.png", LOCALIZATION)
-TOKENS = ("END", "padding", "BOS", "word_mean")
 
 
 
@@ -79,7 +78,7 @@ class _TokenMapsProbe:
 
     @property
     def records(self):
-        from memlens.testbed.analysis import token_maps
+        from memlens.testbed.tokens import token_maps
 
         records = list(self.probe.records)
         block = ".".join(self.probe.layer_names[0].split(".")[:2])
@@ -103,7 +102,7 @@ def demo_prompts(truth, n_generic: int) -> list:
 
 
 def run_demo(out_dir: str | Path, organism: str | Path | None = None, *, per_memorized: int = 8,
-             per_generic: int = 2, n_generic: int = 16, steps: int | None = None, guidance: float | None = None,
+             per_generic: int = 2, n_generic: int = 64, steps: int | None = None, guidance: float | None = None,
              seed: int = 0, batch_size: int = 16, progress: bool = True) -> DemoResult:
     """Scan the organism's prompts into `out_dir`, write its ground truth, evaluate, report; see the module doc."""
     from memlens import rundir
@@ -130,7 +129,7 @@ def run_demo(out_dir: str | Path, organism: str | Path | None = None, *, per_mem
     settings = (rundir.read_run_json(out) or {})["settings"]
 
     copies = write_ground_truth(out, truth)
-    summary = evaluate_demo(out, copies)
+    summary = evaluate_demo(out, copies, truth.by_group())
     summary["settings"] = {
         "steps": settings["steps"], "guidance_scale": settings["guidance"], "seed": seed,
         "per_memorized": per_memorized, "per_generic": per_generic, "n_generic_prompts": n_generic,
@@ -192,7 +191,45 @@ def write_ground_truth(out: Path, truth) -> list[dict]:
     return rows
 
 
-def evaluate_demo(out: Path, copies: list[dict]) -> dict:
+def localization_breakdown(out: Path, items: dict) -> tuple[dict, dict]:
+    """Over the generations that have a mask (local copies of their own item): per token name (see
+    `memlens.testbed.tokens`) the localization of that token's map, and per template size the probe map's, with
+    the best IoU the attention grid allows (`grid_iou_bound`, mean over the generations)."""
+    from memlens.evaluate import load_be_map, mask_path, read_mask
+    from memlens.metrics import localization_summary
+    from memlens.rundir import read_generations
+    from memlens.testbed.tokens import grid_iou_bound
+
+    per_token: dict[str, tuple[list, list]] = {}
+    per_size: dict[str, tuple[list, list, list]] = {}
+    for rec in read_generations(out, required=("be_map", "token_maps")):
+        path = mask_path(out / MASKS, rec)
+        if not path.is_file():
+            continue
+        mask = read_mask(path)
+        with np.load(rec.path("token_maps")) as npz:
+            for name in npz.files:
+                maps, masks = per_token.setdefault(name, ([], []))
+                maps.append(npz[name])
+                masks.append(mask)
+        be = load_be_map(rec)
+        x0, y0, x1, y1 = items[rec.index].box
+        maps, masks, bounds = per_size.setdefault(f"{x1 - x0}x{y1 - y0}", ([], [], []))
+        maps.append(be)
+        masks.append(mask)
+        bounds.append(grid_iou_bound(mask, be.shape))
+    order = {"bos": 0, "word": 1, "end": 2, "pad": 3}
+    by_token = {name: localization_summary(*per_token[name])
+                for name in sorted(per_token, key=lambda n: (order.get(n.split("_")[0], 9), n))}
+    by_size = {}
+    for size in sorted(per_size, key=lambda k: -int(k.split("x")[0])):
+        maps, masks, bounds = per_size[size]
+        by_size[size] = {**localization_summary(maps, masks), "iou_grid_bound": float(np.mean(bounds)),
+                         "area_fraction": float(np.mean([m.mean() for m in masks]))}
+    return by_token, by_size
+
+
+def evaluate_demo(out: Path, copies: list[dict], items: dict) -> dict:
     """summary.json's numbers: copy rates from the ground truth, the rest from `memlens.evaluate` on the folder."""
     from memlens.evaluate import detection_results, localization_results, write_detection
     from memlens.rundir import write_json
@@ -211,21 +248,24 @@ def evaluate_demo(out: Path, copies: list[dict]) -> dict:
             return {"auc": None, "tpr_at_1pct_fpr": None}
         return {"auc": row.get("auc"), "tpr_at_1pct_fpr": row.get("tpr_at_1pct_fpr_wen")}
 
-    def loc(token: str | None) -> dict:
+    def loc() -> dict:
         if not any((out / MASKS).glob("*.png")):
             return {"pixel_auroc": None, "iou": None, "n": 0}
-        res = localization_results(out, out / MASKS, token=token)
-        if token is None:
-            write_json(out / LOCALIZATION, res)
+        res = localization_results(out, out / MASKS)
+        write_json(out / LOCALIZATION, res)
         auroc = res["pixel_auroc_pooled_minmax"]
         return {"pixel_auroc": None if auroc != auroc else auroc, "iou": res["iou_otsu_mean"], "n": res["n_evaluated"]}
+
+    by_token, by_size = localization_breakdown(out, items)
 
     return {
         "memorization_rate": {k: rate(k, "reproduces_own") for k in ("local", "global")},
         "novelty": {"generic": rate("generic", "novel")},
-        "localization": loc(None),
-        # Same generations and masks, other tokens of the same layers: where the signal lives in this model.
-        "localization_by_token": {tok: loc(tok) for tok in TOKENS},
+        "localization": loc(),
+        # Same generations and masks, every token of the same layers: where the signal lives in this model.
+        "localization_by_token": by_token,
+        # The probe's map again, per template size; small templates' IoU is bounded by the attention grid.
+        "localization_by_size": by_size,
         "detection": {k: {m: det(k, m) for m in ("D", "LD")} for k in ("local", "global")},
         "evaluation": {
             "localization": f"memlens evaluate localization --scan {out} --masks {out / MASKS}: pixel_auroc = "
@@ -234,6 +274,9 @@ def evaluate_demo(out: Path, copies: list[dict]) -> dict:
                          "type=global/local; auc = auc, tpr_at_1pct_fpr = tpr_at_1pct_fpr_wen",
         },
     }
+
+
+SUMMARY_TOKENS = ("bos", "word_mean", "end", "pad_mean")  # the terminal line's selection; summary.json has all
 
 
 def _fmt(x) -> str:
@@ -247,8 +290,12 @@ def format_summary(s: dict, out: Path) -> str:
         f"local {_fmt(s['memorization_rate']['local'])}; generic novelty {_fmt(s['novelty']['generic'])}",
         f"localization (BE map vs ground truth, {loc['n']} local copies): pixel AUROC {_fmt(loc['pixel_auroc'])}, "
         f"IoU {_fmt(loc['iou'])}",
-        "  same, other tokens: " + ", ".join(f"{t} AUROC {_fmt(v['pixel_auroc'])} IoU {_fmt(v['iou'])}"
-                                           for t, v in s["localization_by_token"].items() if t != "END"),
+        "  same generations, token by token: " + ", ".join(
+            f"{t} {_fmt(v['pixel_auroc'])}/{_fmt(v['iou'])}" for t, v in s["localization_by_token"].items()
+            if t in SUMMARY_TOKENS),
+        "  by template size (AUROC/IoU, the grid's IoU bound): " + ", ".join(
+            f"{k} {_fmt(v['pixel_auroc'])}/{_fmt(v['iou'])} ({_fmt(v['iou_grid_bound'])})"
+            for k, v in s.get("localization_by_size", {}).items()),
     ]
     for k in ("global", "local"):
         lines.append(f"detection {k} vs generic: " + ", ".join(

@@ -31,6 +31,7 @@ class StudyConfig:
     clip_steps: int = 1500
     steps: int = 4000  # UNet training steps (the organism v2 recipe)
     threads: int = 1
+    evaluate: bool = True  # False: train only (score later by rerunning with it on, which skips the training)
 
     def validate(self) -> None:
         from memlens.testbed.pipeline import PAD_CHOICES
@@ -85,7 +86,7 @@ def run_one(data_dir: Path, run_dir: Path, layout: str, seed: int, config: Study
     if clip_retrieval.is_file():
         row["clip_retrieval"] = json.loads(clip_retrieval.read_text())
     row["eval"] = {}
-    for demo_seed in config.demo_seeds:
+    for demo_seed in config.demo_seeds if config.evaluate else ():
         row["eval"][str(demo_seed)] = evaluate_run(org_dir, run_dir / f"eval_seed{demo_seed}", demo_seed)
     return row
 
@@ -101,6 +102,9 @@ def evaluate_run(org_dir: Path, eval_dir: Path, demo_seed: int) -> dict:
     fresh = summary is not None and summary_path.stat().st_mtime > weights.stat().st_mtime and \
         summary.get("settings", {}).get("items_from") == "organism"
     if not fresh:
+        import shutil
+
+        shutil.rmtree(eval_dir, ignore_errors=True)  # the study's own folder, from older weights or an older demo
         summary = run_demo(eval_dir, organism=org_dir, seed=demo_seed, progress=False).summary
     return {k: summary[k] for k in ("memorization_rate", "novelty", "localization", "localization_by_token",
                                     "detection") if k in summary} | \
