@@ -53,9 +53,12 @@ def threshold_otsu(be_map: np.ndarray) -> float:
     """Otsu's threshold of the map's values (the rule fixed in advance for IoU in memlens)."""
     from skimage.filters import threshold_otsu as _otsu
 
-    arr = np.asarray(be_map, dtype=np.float32)
-    if float(arr.max()) == float(arr.min()):
-        return float(arr.max())
+    # float64: a nearly flat map (attention equal to float32's last bits) has a range too small for 256 float32
+    # histogram bins, which skimage refuses; such a map is treated as constant only if float64 cannot split it.
+    arr = np.asarray(be_map, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi - lo <= 1e-12 * max(abs(hi), abs(lo)):
+        return hi
     return float(_otsu(arr))
 
 
