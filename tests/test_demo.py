@@ -17,14 +17,19 @@ from memlens import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "demo_seed0.json"
-PINNED = ("memorization_rate", "novelty", "localization", "localization_by_token", "detection")
+PINNED = ("memorization_rate", "novelty", "localization", "localization_by_token", "localization_by_size",
+          "detection")
 
 
 def test_demo_is_a_scan_with_ground_truth_files(demo_dir):
     run = json.loads((demo_dir / "run.json").read_text())
     assert run["kind"] == "demo" and run["status"] == "complete"
     recs = rundir.read_generations(demo_dir, required=("image", "be_map", "overlay", "D", "LD", "token_maps"))
-    assert len(recs) == 8 * 8 + 16 * 2 == run["num_records"]
+    from memlens.testbed.items import load_ground_truth
+    from memlens.testbed.pipeline import WEIGHTS_DIR
+
+    n_items = len(load_ground_truth(WEIGHTS_DIR).items)
+    assert len(recs) == n_items * 8 + 64 * 2 == run["num_records"]  # the defaults: 8 per item, 64 generic x 2
     # The scan's seeds: image i of the whole list gets seed + i.
     assert [r.seed for r in recs] == list(range(len(recs)))
     assert {r.type for r in recs} == {"global", "local", "generic"}

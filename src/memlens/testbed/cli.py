@@ -203,6 +203,8 @@ def study_command(
     threads: int = typer.Option(1, "--threads", min=1),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Score each run with the demo (--no-eval: train "
                                   "only; rerun with --eval later, which skips finished training)."),
+    train: bool = typer.Option(True, "--train/--no-train", help="--no-train: only score runs whose training has "
+                               "finished (e.g. beside processes that train)."),
     progress: bool = typer.Option(False, "--progress/--no-progress"),
 ) -> None:
     """Train the organism recipe over seeds and padding layouts and tabulate, per token, where BE sits."""
@@ -213,6 +215,6 @@ def study_command(
     torch.set_num_threads(threads)
     config = StudyConfig(seeds=_int_list("--seeds", seeds), layouts=[x.strip() for x in layouts.split(",")],
                          demo_seeds=_int_list("--demo-seeds", demo_seeds), clip_steps=clip_steps, steps=steps,
-                         threads=threads, evaluate=evaluate)
+                         threads=threads, evaluate=evaluate, train=train)
     run_study(data, out, config, progress=progress)
     typer.echo(f"wrote {out}/study.json and {out}/study.md")
