@@ -55,7 +55,7 @@ _PARAMS = {
     "clip_pretrained", "max_side", "out", "trajectory", "per_prompt", "init_from", "filter", "schedule",
     "pad_token", "end_contrastive", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
     "snr_gamma", "ema_decay", "checkpoint_every", "unet_heads", "unet_channels", "text_width", "text_layers",
-    "factor",
+    "factor", "probes", "masks",
 }
 
 
@@ -265,6 +265,53 @@ def demo_command(
     result = run_demo(out, organism=model, per_memorized=per_memorized, per_generic=per_generic, n_generic=n_generic,
                       steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)
     typer.echo(format_summary(result.summary, result.path))
+
+
+# --- bench ----------------------------------------------------------------------------------------------------------
+
+
+@app.command("bench")
+def bench_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for leaderboard.json/.md/.html and per-generation maps.")],
+    model: Annotated[str, typer.Option(
+        "--model", help="'testbed' (the shipped organism and its ground truth), an organism folder, or any model "
+                        "with --prompts.")] = "testbed",
+    prompts: Annotated[Optional[Path], typer.Option(
+        "--prompts", help="Prompt file with 0/1 labels and types (models other than the organism).")] = None,
+    masks: Annotated[Optional[Path], typer.Option(
+        "--masks", help="Folder of <index>.png masks for memorized prompts (with --prompts).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="CI size: one image per item, 6 generic prompts, 6 steps, "
+                                                        "2 Hutchinson probes.")] = False,
+    per_memorized: Annotated[Optional[int], typer.Option("--per-memorized", help="Images per memorized prompt.")] = None,
+    per_generic: Annotated[Optional[int], typer.Option("--per-generic", help="Images per non-memorized prompt.")] = None,
+    n_generic: Annotated[Optional[int], typer.Option("--n-generic", help="Generic prompts (organism only).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (default: the pipeline's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Guidance scale (> 1).")] = None,
+    probes: Annotated[Optional[int], typer.Option("--probes", help="Hutchinson probes for the curvature map.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed, as in `memlens scan`.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 16,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (models other than the "
+                                                       "organism).")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, ... (models other than the organism).")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
+) -> None:
+    """Every localizer and detector (BE, score difference, curvature difference; D, LD, anisotropy, sharpness) on
+    the same generations, one generation pass; writes the leaderboard with costs."""
+    from memlens.bench import QUICK, BenchSettings, run_bench
+
+    set_threads(threads, device)
+    given = {"per_memorized": per_memorized, "per_generic": per_generic, "n_generic": n_generic, "steps": steps,
+             "probes": probes}
+    base = dict(QUICK) if quick else {}
+    base.update({k: v for k, v in given.items() if v is not None})
+    settings = BenchSettings(**base, guidance=guidance, seed=seed, batch_size=batch_size)
+    board = run_bench(out, model=model, prompts=prompts, masks=masks, settings=settings, dtype=dtype, device=device,
+                      progress=False)
+    best_loc = max(board["localization"], key=lambda m: board["localization"][m]["iou_otsu"] or -1)
+    best_det = max(board["detection"], key=lambda m: board["detection"][m]["auc"])
+    typer.echo(f"bench: {board['n']['generations']} generations; best localization at Otsu: {best_loc} "
+               f"(IoU {board['localization'][best_loc]['iou_otsu'] or float('nan'):.3f}); best detection: {best_det} "
+               f"(AUC {board['detection'][best_det]['auc']:.3f}); wrote {Path(out) / 'leaderboard.json'}")
 
 
 def _mount() -> None:
