@@ -598,7 +598,7 @@ def format_markdown(board: dict) -> str:
                      f"{_f(c.get('wall_time_relative'))} |")
     n = board["n"]
     lines += ["", f"{n['with_mask']} generations with a mask; the full-set ORACLE adds {n['oracle_set'] - n['with_mask']} "
-              "global copies (all-one masks) and novel non-memorized images (all-zero masks).",
+              "generations: global copies (all-one masks) and novel non-memorized images (all-zero masks).",
               "", "## Detection", "",
               "| method | AUC | TPR@1%FPR (Wen: < 1%) | TPR@1%FPR (nearest) | UNet evals / image | "
               "wall time vs generation |", "| --- | --- | --- | --- | --- | --- |"]

@@ -55,7 +55,7 @@ _PARAMS = {
     "clip_pretrained", "max_side", "out", "trajectory", "per_prompt", "init_from", "filter", "schedule",
     "pad_token", "end_contrastive", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
     "snr_gamma", "ema_decay", "checkpoint_every", "unet_heads", "unet_channels", "text_width", "text_layers",
-    "factor", "probes", "masks",
+    "factor", "probes", "masks", "screen", "screen_threshold",
 }
 
 
@@ -115,13 +115,34 @@ def scan_command(
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
+    screen: Annotated[Optional[str], typer.Option(
+        "--screen", help="Score every prompt first with a cheap detector (D_first_step or anisotropy: the first "
+                         "UNet call only) and scan only those scoring >= --screen-threshold; scores in screen.jsonl.")
+    ] = None,
+    screen_threshold: Annotated[Optional[float], typer.Option(
+        "--screen-threshold", help="Screen score at or above which a prompt is scanned (with --screen).")] = None,
 ) -> None:
     """Generate for a prompt file and record BE maps and magnitudes per image."""
     from memlens.scan import run_scan
 
     set_threads(threads, device)
-    res = run_scan(model, prompts, out, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
-                   batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
+    if screen is None and screen_threshold is not None:
+        raise MemlensError("--screen-threshold needs --screen")
+    if screen is not None:
+        from memlens.screen import run_screened_scan
+
+        if screen_threshold is None:
+            raise MemlensError("--screen needs --screen-threshold")
+        res, rows = run_screened_scan(model, prompts, out, screen=screen, screen_threshold=screen_threshold,
+                                      num_images=num_images, steps=steps, guidance=guidance, seed=seed,
+                                      batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
+        flagged = sum(r["flagged"] for r in rows)
+        typer.echo(f"screen: {flagged} of {len(rows)} prompts flagged by {screen} >= {screen_threshold:g}")
+        if res is None:
+            return
+    else:
+        res = run_scan(model, prompts, out, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
+                       batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
     if res.is_main_process:
         typer.echo(f"{res.status}: {res.num_records} images in {res.path}")
 
