@@ -264,3 +264,14 @@ def test_full_set_oracle_is_mem_curv_diffs_set(quick_dir):
                 maps.append(upsample_map(npz[f"map_{method}"], mask.shape))
         want = iou_oracle(maps, masks).global_iou
         assert board["localization"][method]["iou_oracle_full_set"] == pytest.approx(want), method
+
+
+def test_combination_is_be_times_score_difference(quick_dir):
+    import torch.nn.functional as F
+
+    for r in _rows(quick_dir)[:4]:
+        with np.load(quick_dir / "maps" / f"{r['stem']}.npz") as npz:
+            sd = npz["map_score_difference"]
+            be = F.interpolate(torch.from_numpy(npz["map_be"])[None, None], size=sd.shape, mode="bilinear",
+                               align_corners=False)[0, 0].numpy() if npz["map_be"].shape != sd.shape else npz["map_be"]
+            np.testing.assert_allclose(npz["map_be_x_score_difference"], be * sd, rtol=1e-5, atol=1e-8)

@@ -42,7 +42,7 @@ from memlens.errors import InputError
 
 __all__ = ["LOCALIZERS", "DETECTORS", "BenchSettings", "run_bench", "leaderboard", "QUICK"]
 
-LOCALIZERS = ("be", "be_padding", "score_difference", "curvature_difference")
+LOCALIZERS = ("be", "be_padding", "score_difference", "curvature_difference", "be_x_score_difference")
 DETECTORS = ("D", "D_first_step", "D_first_10", "LD", "anisotropy", "sharpness")
 LEADERBOARD = "leaderboard.json"
 FIRST_K = 10
@@ -300,6 +300,7 @@ def _method_costs(steps: int, probes: int, timing: dict) -> dict:
         "be": dict(full, breakdown=f"the generation's {2 * T} evaluations; map read at the last step"),
         "be_padding": dict(full, breakdown="as be (same generation and capture)"),
         "score_difference": dict(full, breakdown="the probe's last-step energy map / sigma_t^2; no extra work"),
+        "be_x_score_difference": dict(full, breakdown="the BE map (bilinear to latent size) x the score difference"),
         "curvature_difference": {
             "unet_evaluations": 2 * T + 2 + 4 * probes, "needs_generation": "full",
             "breakdown": f"generation {2 * T} + 2 evaluations with a graph at the last step + {probes} VJPs through "
@@ -394,9 +395,10 @@ def _load_pipe(model, organism: Path | None, dtype: str, device: str):
 
 
 def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype, device, progress) -> dict:
+    import torch
     from PIL import Image
 
-    from memlens import rundir
+    from memlens import quantities, rundir
     from memlens.maps import save_png
 
     pipe = _load_pipe(model, organism, dtype, device)
@@ -425,8 +427,13 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
             else:
                 mask = it.mask
                 oracle_role = "mask" if mask is not None else ("zeros" if it.label == 0 else None)
+            # A combination, declared before the full run: BE says where within the image, the score difference's
+            # absolute size says whether anything there is memorized at all (BE maps are attention, on the same
+            # scale for a copy and for a novel image).
+            be_latent = quantities.mask_to_latent(torch.from_numpy(rec.be_map)[None], score_diff.shape)[0].numpy()
             maps = {"be": rec.be_map, "be_padding": pad.be_map, "score_difference": score_diff.astype(np.float32),
-                    "curvature_difference": hooks.scores["curvature_difference"][i].astype(np.float32)}
+                    "curvature_difference": hooks.scores["curvature_difference"][i].astype(np.float32),
+                    "be_x_score_difference": (be_latent * score_diff).astype(np.float32)}
             arrays = {f"map_{k}": v for k, v in maps.items()}
             arrays.update(D_steps=rec.magnitude, LD_steps=rec.masked_magnitude, timesteps=rec.timesteps)
             if mask is not None:
