@@ -275,3 +275,33 @@ def test_combination_is_be_times_score_difference(quick_dir):
             be = F.interpolate(torch.from_numpy(npz["map_be"])[None, None], size=sd.shape, mode="bilinear",
                                align_corners=False)[0, 0].numpy() if npz["map_be"].shape != sd.shape else npz["map_be"]
             np.testing.assert_allclose(npz["map_be_x_score_difference"], be * sd, rtol=1e-5, atol=1e-8)
+
+
+def test_any_pipeline_with_a_labelled_prompt_file_and_masks(tmp_path):
+    """The non-organism path: labels and types from the prompt file, masks by index (any size: resized to the
+    image), a pipeline object as the model."""
+    from PIL import Image
+
+    from memlens.testing import tiny_pipeline
+
+    rows = [{"prompt": "a memorized photo", "label": 1, "type": "TM", "index": "m0"},
+            {"prompt": "another memorized one", "label": 1, "type": "MV", "index": "m1"},
+            {"prompt": "a novel scene", "label": 0, "type": "N"},
+            {"prompt": "a second novel scene", "label": 0, "type": "N"}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    m = np.zeros((20, 20), np.uint8)
+    m[:10, :10] = 255
+    Image.fromarray(m).save(masks / "m0.png")
+    settings = bench.BenchSettings(per_memorized=2, per_generic=2, steps=3, probes=1, guidance=3.0)
+    board = bench.run_bench(tmp_path / "out", model=tiny_pipeline("sd1"), prompts=prompts, masks=masks,
+                            settings=settings, progress=False)
+    assert board["n"] == {"generations": 8, "memorized": 4, "non_memorized": 4, "with_mask": 2, "oracle_set": 6}
+    saved = [r for r in _rows(tmp_path / "out") if r["has_mask"]]
+    with np.load(tmp_path / "out" / "maps" / f"{saved[0]['stem']}.npz") as npz:
+        assert npz["mask"].shape == tuple(saved[0]["image_shape"])
+        assert npz["mask"].mean() == pytest.approx(0.25)
+    assert set(board["detection"]["D"]) >= {"by_type_TM", "by_type_MV"}
+    assert board["settings"]["steps"] == 3

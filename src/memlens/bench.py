@@ -108,7 +108,9 @@ class FieldHooks:
         self.pipe = pipe
         self.unet = pipe.unet
         self.probes = probes
-        self.generator = __import__("torch").Generator().manual_seed(seed)
+        import torch
+
+        self.generator = torch.Generator().manual_seed(seed)
         self.prediction_type = pipe.scheduler.config.prediction_type
         self.handles: list = []
         self.reset()
@@ -425,7 +427,7 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
             if organism is not None:
                 mask, oracle_role = _organism_mask(images[i], it, groups)
             else:
-                mask = it.mask
+                mask = None if it.mask is None else _at_size(it.mask, images[i].shape[:2])
                 oracle_role = "mask" if mask is not None else ("zeros" if it.label == 0 else None)
             # A combination, declared before the full run: BE says where within the image, the score difference's
             # absolute size says whether anything there is memorized at all (BE maps are attention, on the same
@@ -465,6 +467,17 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
     rundir.atomic_write_bytes(tmp / "leaderboard.md", format_markdown(board).encode())
     rundir.atomic_write_bytes(tmp / "leaderboard.html", format_html(tmp, board).encode())
     return board
+
+
+def _at_size(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A user's mask at the generated image's size (nearest neighbour, as mem-curv-diff resizes masks), so every
+    mask of the oracle set shares one size."""
+    from PIL import Image
+
+    if mask.shape == tuple(shape):
+        return mask
+    im = Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255)
+    return np.asarray(im.resize((shape[1], shape[0]), Image.NEAREST)) >= 128
 
 
 def _organism_mask(image: np.ndarray, it: Item, groups: dict) -> tuple[np.ndarray | None, str | None]:
