@@ -54,10 +54,20 @@ def _pipeline(args):
     return load_pipeline(args.model) if args.model else load_pipeline()
 
 
-def _prompts(n_generic: int):
+def _items_and_prompts(args, n_generic: int):
+    """The organism's own items (its ground_truth/) and prompts; the smoke pipeline uses the v1 item set."""
     from memlens.testbed.evaluation import prompt_set
 
-    return prompt_set(n_generic=n_generic)
+    if args.smoke:
+        from memlens.testbed.data import memorized_items
+
+        return {it["group"]: it for it in memorized_items("v1")}, prompt_set(n_generic=n_generic)
+    from memlens.testbed.analysis import organism_items
+    from memlens.testbed.pipeline import WEIGHTS_DIR
+
+    items, prompts = organism_items(args.model or WEIGHTS_DIR, n_generic)
+    return {g: {"group": g, "reference": it.reference, "box": it.box, "mask": it.mask} for g, it in items.items()}, \
+        prompts
 
 
 def _paraphrases(prompt: str) -> tuple[str, ...]:
@@ -76,12 +86,10 @@ def _run(pipe, prompts, seeds, settings, batch: int):
     return outs, time.perf_counter() - t0
 
 
-def _score(prompts, seeds, outs, base_outs):
+def _score(items, prompts, seeds, outs, base_outs):
     from memlens.metrics.similarity import masked_l2
-    from memlens.testbed.data import memorized_items
     from memlens.testbed.evaluation import item_similarity, pearson
 
-    items = {it["group"]: it for it in memorized_items()}
     rows = []
     k = 0
     for p in prompts:
@@ -146,14 +154,14 @@ def main(argv=None):
         print(f"organism not available ({err}); train one with `memlens testbed train` or pass --smoke")
         return 1
     guidance = args.guidance or getattr(pipe.config, "default_guidance_scale", 2.0)
-    prompts = _prompts(args.generic)
+    items, prompts = _items_and_prompts(args, args.generic)
     seeds = list(range(1000, 1000 + args.seeds))
     base = Settings(method="none", steps=args.steps, guidance=guidance)
     base_outs, secs = _run(pipe, prompts, seeds, base, args.batch)
     mem = [o.initial_magnitude for o, p in zip(base_outs, [p for p in prompts for _ in seeds]) if p.kind != "generic"]
     scale = float(np.median(mem))
     fractions = FRACTIONS[1::2] if args.smoke else FRACTIONS
-    results = [_summary("none", 0.0, _score(prompts, seeds, base_outs, base_outs), secs)]
+    results = [_summary("none", 0.0, _score(items, prompts, seeds, base_outs, base_outs), secs)]
     methods = args.methods.split(",")
     grid = []
     for m in methods:
@@ -169,7 +177,7 @@ def main(argv=None):
     for m, strength, kw in grid:
         s = Settings(method=m, steps=args.steps, guidance=guidance, **kw)
         outs, secs = _run(pipe, prompts, seeds, s, args.batch)
-        results.append(_summary(m, strength, _score(prompts, seeds, outs, base_outs), secs))
+        results.append(_summary(m, strength, _score(items, prompts, seeds, outs, base_outs), secs))
         print(json.dumps(results[-1]), flush=True)
 
     out = Path(args.out)

@@ -117,9 +117,9 @@ def test_mitigation_and_testbed_training_do_not_import_each_other():
 
 
 def test_one_atomic_write_in_src():
-    # One implementation of write-to-temp + rename: memlens.rundir.atomic_write (and the rename of the organism's
-    # ground-truth folder, a whole-folder swap).
-    users = [name for name, tree in modules().items() if calls(tree, "os.replace")]
+    # One implementation of write-to-temp + rename: memlens.rundir.atomic_write (files) and atomic_write_dir
+    # (whole folders: an organism's ground truth, a pretrained text encoder); checkpoints go through it too.
+    users = [name for name, tree in modules().items() if calls(tree, "os.replace") or calls(tree, "os.rename")]
     assert users == ["memlens.rundir"], users
 
 

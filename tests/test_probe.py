@@ -285,6 +285,23 @@ def test_configurable_layers_steps_and_token():
     assert probe.records == []
 
 
+@pytest.mark.parametrize("family, expected", [("sd1", ("down_blocks.0.", "up_blocks.2.")),  # tiny: 3 blocks a side
+                                              ("sdxl", ("down_blocks.1.", "up_blocks.1."))])
+def test_outer_layers_are_both_ends_of_the_unet_at_one_resolution(family, expected):
+    pipe = tiny_pipeline(family)
+    with BrightEndingProbe(pipe, layers="outer") as outer:
+        _generate(pipe, 2, per_prompt=1, prompts=["a cat"])
+    assert {name.split("attentions")[0] for name in outer.layer_names} == set(expected)
+    maps = []
+    for block in expected:
+        with BrightEndingProbe(pipe, layers=[block.rstrip(".")]) as one:
+            _generate(pipe, 2, per_prompt=1, prompts=["a cat"])
+        maps.append((one.records[0].be_map, len(one.layer_names)))
+    # The probe averages over layers: each block's map weighted by its number of layers.
+    want = sum(m * n for m, n in maps) / sum(n for _, n in maps)
+    _assert_rel(outer.records[0].be_map, want)
+
+
 def test_padding_token_is_the_mean_of_its_positions():
     pipe = tiny_pipeline("sd1", model_max_length=10)
     prompt = ["a cat"]  # BOS a c a t EOS + 4 padding EOS: the padding is positions 6..9
@@ -297,5 +314,6 @@ def test_padding_token_is_the_mean_of_its_positions():
     block = np.mean([be_map(k) for k in range(6, 10)], axis=0)
     _assert_rel(be_map("padding"), block)
     _assert_rel(be_map("eos"), be_map(5))
+    _assert_rel(be_map("eos+padding"), np.mean([be_map(k) for k in range(5, 10)], axis=0))
     with pytest.raises(MemlensError, match="token must be one of"):
         BrightEndingProbe(pipe, token="pad")

@@ -122,3 +122,21 @@ def test_atomic_write_keeps_permissions_and_leaves_no_temp(tmp_path):
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     assert os.listdir(tmp_path / "a") == ["r.json"]
+
+
+def test_atomic_write_dir_swaps_whole_folders_and_a_crash_keeps_the_old_one(tmp_path):
+    from memlens.rundir import atomic_write_dir
+
+    target = tmp_path / "gt"
+    atomic_write_dir(target, lambda d: (d / "a.txt").write_text("one"))
+    assert (target / "a.txt").read_text() == "one"
+
+    def crash(d):
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_dir(target, crash)
+    assert [p.name for p in tmp_path.iterdir()] == ["gt"] and (target / "a.txt").read_text() == "one"
+    atomic_write_dir(target, lambda d: (d / "b.txt").write_text("two"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]

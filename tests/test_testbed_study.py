@@ -79,7 +79,7 @@ def test_table_reports_tokens_small_templates_and_detection():
     head = [c.strip() for c in table[0].split("|")[1:-1]]
     got = dict(zip(head, cells))
     assert got["copies global / local"] == "1.00 / 0.75" and got["bos AUROC / IoU"] == "0.10 / 0.00"
-    assert got["pad_1 AUROC / IoU"] == "n/a / n/a"
+    assert got["outer/end+padding AUROC / IoU"] == "n/a / n/a"
     assert got["small templates (<= 10% of the image), end AUROC / IoU"].startswith("0.65 / 0.35")
     assert got["local D AUC (TPR@1%FPR)"] == "1.00 (0.50)" and got["local LD AUC (TPR@1%FPR)"] == "0.99 (0.80)"
 

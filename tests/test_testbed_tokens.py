@@ -13,7 +13,8 @@ def test_token_positions_cover_every_position_once():
     assert names["bos"] == [0] and names["end"] == [4]
     assert [names[f"word_{k}"] for k in (1, 2, 3)] == [[1], [2], [3]] and names["word_mean"] == [1, 2, 3]
     assert [names[f"pad_{k}"] for k in (1, 2, 3)] == [[5], [6], [7]] and names["pad_mean"] == [5, 6, 7]
-    singles = sorted(p for n, pos in names.items() if not n.endswith("_mean") for p in pos)
+    assert names["end+padding"] == [4, 5, 6, 7]
+    singles = sorted(p for n, pos in names.items() if not n.endswith("_mean") and n != "end+padding" for p in pos)
     assert singles == list(range(8))
     assert "pad_mean" not in token_positions(7, 8) and "word_mean" not in token_positions(1, 8)
     with pytest.raises(ValueError):

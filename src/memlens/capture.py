@@ -47,11 +47,24 @@ def _first_down_block_with_cross_attention(unet: torch.nn.Module, layers: list[C
     return None
 
 
+def _outer_blocks(unet: torch.nn.Module, layers: list[CaptureLayer]) -> list[str]:
+    # A UNet mirrors its encoder: the last up block with cross-attention runs at the resolution of the first down
+    # block with cross-attention (SD1/SD2: up_blocks.3 and down_blocks.0; SDXL: up_blocks.1 and down_blocks.1).
+    first = _first_down_block_with_cross_attention(unet, layers)
+    ups = [i for i in range(len(getattr(unet, "up_blocks", [])))
+           if any(layer.name.startswith(f"up_blocks.{i}.") for layer in layers)]
+    if first is None or not ups:
+        raise MemlensError(f"layers='outer' needs cross-attention in both a down and an up block of "
+                           f"{type(unet).__name__}")
+    return [first, f"up_blocks.{ups[-1]}"]
+
+
 def select_layers(unet: torch.nn.Module, layers: list[str] | str | None = None) -> list[CaptureLayer]:
     """The cross-attention layers to read.
 
-    `layers` is None (the paper's default: every cross-attention layer of the first down block that has any), or a
-    list of module names or name prefixes such as ``"down_blocks.1"`` or ``"up_blocks.1.attentions.0"``.
+    `layers` is None (the paper's default: every cross-attention layer of the first down block that has any),
+    ``"outer"`` (that block and the last up block with cross-attention: both ends of the UNet at one resolution), or
+    a list of module names or name prefixes such as ``"down_blocks.1"`` or ``"up_blocks.1.attentions.0"``.
     """
     available = cross_attention_layers(unet)
     model_name = type(unet).__name__
@@ -63,6 +76,8 @@ def select_layers(unet: torch.nn.Module, layers: list[str] | str | None = None) 
     if layers is None:
         block = _first_down_block_with_cross_attention(unet, available)
         layers = [block] if block is not None else [available[0].name]
+    elif layers == "outer":
+        layers = _outer_blocks(unet, available)
     elif isinstance(layers, str):
         layers = [layers]
     chosen: list[CaptureLayer] = []

@@ -63,7 +63,7 @@ class ImageRecord:
         return ld[:, 0].numpy().astype(np.float32)
 
 
-TOKEN_CHOICES = ("eos", "padding")
+TOKEN_CHOICES = ("eos", "padding", "eos+padding")
 
 
 def token_weights(token: str | int, eos: Sequence[int], num_tokens: int) -> torch.Tensor:
@@ -76,6 +76,9 @@ def token_weights(token: str | int, eos: Sequence[int], num_tokens: int) -> torc
             # The positions after the end token; a prompt that fills the context has none, so read the end token.
             start = e + 1 if e + 1 < num_tokens else e
             weights[i, start:] = 1.0 / (num_tokens - start)
+        elif token == "eos+padding":
+            # The end token and every position after it: in SD v1's layout these are all the end token.
+            weights[i, e:] = 1.0 / (num_tokens - e)
         else:
             if not -num_tokens <= int(token) < num_tokens:
                 raise MemlensError(f"token position {token} is outside the {num_tokens} text tokens")
@@ -121,10 +124,13 @@ class BrightEndingProbe(capture.AttentionSink):
             StableDiffusionXLPipeline, or any pipeline that calls its UNet the same way).
         layers: cross-attention layers to read, as module names or prefixes; default: every ``attn2`` of the first
             down block that has cross-attention (``down_blocks.0`` in SD1/SD2, ``down_blocks.1`` in SDXL).
+            ``"outer"``: that block and the last up block with cross-attention, the same attention resolution at
+            both ends of the UNet (``down_blocks.0`` + ``up_blocks.3`` in SD1/SD2); see docs/organism.md.
         steps: step indices at which attention is read, negative counting from the end; maps of several steps are
             averaged. Default: the last step, as in the paper.
         token: ``"eos"`` (the first EOS of the padded ids, the paper's end token), ``"padding"`` (the mean attention
-            over every position after the end token, the padding), or a fixed token position.
+            over every position after the end token, the padding), ``"eos+padding"`` (the mean over the end token
+            and the padding after it), or a fixed token position.
         prompts / eos_indices: needed only when the pipeline is called with ``prompt_embeds`` instead of prompts;
             they apply to every such call until changed (set ``probe.prompts`` / ``probe.eos_indices``).
         keep_energy: keep each image's per-step energy maps (steps x H x W) so that other masks can be applied later

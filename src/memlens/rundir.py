@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -96,6 +97,30 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], *, durable: boo
     if durable:
         fsync_dir(path.parent)
     return path
+
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a whole folder through a temp folder beside it, then swap it in: a crash leaves the old folder or
+    nothing, never a half-written one that looks complete. `write(tmp_dir)` fills the (existing, empty) folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():  # a folder cannot be replaced by rename; the old one goes first
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = False) -> Path:

@@ -55,11 +55,15 @@ class FullAttention:
         self._attached.remove()
         self.sink.wanted = None
 
-    def maps(self) -> dict[str, np.ndarray]:
-        """Per block (e.g. down_blocks.0): (N, h, w, T) attention of all images so far, averaged over its layers."""
+    def maps(self, groups: dict[str, list[str]] | None = None) -> dict[str, np.ndarray]:
+        """Per block (e.g. down_blocks.0): (N, h, w, T) attention of all images so far, averaged over its layers.
+        `groups` adds named unions of blocks of one resolution, averaged over all their layers as the probe does
+        (e.g. {"outer": capture.select_layers(unet, "outer") blocks})."""
         blocks = defaultdict(list)
         for name, probs in self.sink.store.items():
             blocks[".".join(name.split(".")[:2])].append(torch.cat(probs))
+        for group, members in (groups or {}).items():
+            blocks[group] = [a for m in members for a in blocks.get(m, [])]
         out = {}
         for block, arrs in blocks.items():
             p = torch.stack(arrs).mean(0)  # (N, Q, T)

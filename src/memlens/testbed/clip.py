@@ -220,20 +220,11 @@ def pretrain_clip(data_dir: str | Path, out_dir: str | Path, config: ClipConfig 
     if step >= config.steps:
         text_encoder.eval()
         head.eval()
-        _write_atomically(out / "text_encoder", lambda d: text_encoder.save_pretrained(str(d)))
+        from memlens.rundir import atomic_write_dir
+
+        atomic_write_dir(out / "text_encoder", lambda d: text_encoder.save_pretrained(str(d)))
         (out / "retrieval.json").write_text(json.dumps(_retrieval(text_encoder, head, data, ids), indent=1))
     return out
-
-
-def _write_atomically(final: Path, write) -> None:
-    import shutil
-
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 def load_pretrained_text(clip_dir: str | Path):

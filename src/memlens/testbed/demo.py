@@ -56,6 +56,7 @@ class _TokenMapsProbe:
         # The all-token reader shares the probe's capture processors; it only adds the other tokens' maps.
         self.full = FullAttention(pipe)
         self.probe = BrightEndingProbe(pipe, **options)
+        self.unet = pipe.unet
 
     def __enter__(self):
         self.full.__enter__()
@@ -80,11 +81,16 @@ class _TokenMapsProbe:
     def records(self):
         from memlens.testbed.tokens import token_maps
 
+        from memlens import capture
+
         records = list(self.probe.records)
         block = ".".join(self.probe.layer_names[0].split(".")[:2])
-        attention = self.full.maps()[block]  # (N, h, w, T), same images in the same order
-        for rec, att in zip(records, attention):
-            rec.token_maps = token_maps(att, rec.eos_index)
+        # Besides the probed block, both ends of the UNet together (the probe's layers="outer"), prefixed "outer/".
+        outer = sorted({".".join(layer.name.split(".")[:2]) for layer in capture.select_layers(self.unet, "outer")})
+        maps = self.full.maps({"outer": outer})
+        for i, rec in enumerate(records):  # (N, h, w, T) per block, same images in the same order
+            rec.token_maps = token_maps(maps[block][i], rec.eos_index)
+            rec.token_maps.update({f"outer/{k}": v for k, v in token_maps(maps["outer"][i], rec.eos_index).items()})
         return records
 
 
@@ -220,7 +226,8 @@ def localization_breakdown(out: Path, items: dict) -> tuple[dict, dict]:
         bounds.append(grid_iou_bound(mask, be.shape))
     order = {"bos": 0, "word": 1, "end": 2, "pad": 3}
     by_token = {name: localization_summary(*per_token[name])
-                for name in sorted(per_token, key=lambda n: (order.get(n.split("_")[0], 9), n))}
+                for name in sorted(per_token, key=lambda n: (n.startswith("outer/"),
+                                                             order.get(n.split("/")[-1].split("_")[0][:3], 9), n))}
     by_size = {}
     for size in sorted(per_size, key=lambda k: -int(k.split("x")[0])):
         maps, masks, bounds = per_size[size]
@@ -276,7 +283,8 @@ def evaluate_demo(out: Path, copies: list[dict], items: dict) -> dict:
     }
 
 
-SUMMARY_TOKENS = ("bos", "word_mean", "end", "pad_mean")  # the terminal line's selection; summary.json has all
+# The terminal line's selection; summary.json has every token, of the probed block and of "outer/" (both ends).
+SUMMARY_TOKENS = ("bos", "word_mean", "end", "pad_mean", "end+padding", "outer/end", "outer/end+padding")
 
 
 def _fmt(x) -> str:

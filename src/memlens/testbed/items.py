@@ -15,7 +15,6 @@ No torch here: reading ground truth is cheap and used by torch-free code.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,25 +151,23 @@ def ground_truth_from_dataset(dataset_dir: str | Path, n_generic: int = 64) -> G
 
 
 def save_ground_truth(truth: GroundTruth, organism_dir: str | Path) -> Path:
-    """Write `truth` as `organism_dir/ground_truth/`: to a temporary folder, then renamed, so it is whole or absent."""
-    final = Path(organism_dir) / GROUND_TRUTH
-    tmp = final.with_name(GROUND_TRUTH + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "references").mkdir(parents=True)
-    (tmp / "masks").mkdir()
-    rows = []
-    for it in truth.items:
-        Image.fromarray(np.asarray(it.reference, np.uint8)).save(tmp / "references" / f"{it.group}.png")
-        Image.fromarray(it.mask.astype(np.uint8) * 255).save(tmp / "masks" / f"{it.group}.png")
-        rows.append({"group": it.group, "kind": it.kind, "prompt": it.prompt,
-                     "box": list(it.box) if it.box else None, "copies": it.copies,
-                     "reference": f"references/{it.group}.png", "mask": f"masks/{it.group}.png"})
-    (tmp / ITEMS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp / GENERIC_FILE).write_text("".join(c + "\n" for c in truth.generic_prompts))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
+    """Write `truth` as `organism_dir/ground_truth/`, whole or not at all (`rundir.atomic_write_dir`)."""
+    from memlens.rundir import atomic_write_dir
+
+    def write(tmp: Path) -> None:
+        (tmp / "references").mkdir()
+        (tmp / "masks").mkdir()
+        rows = []
+        for it in truth.items:
+            Image.fromarray(np.asarray(it.reference, np.uint8)).save(tmp / "references" / f"{it.group}.png")
+            Image.fromarray(it.mask.astype(np.uint8) * 255).save(tmp / "masks" / f"{it.group}.png")
+            rows.append({"group": it.group, "kind": it.kind, "prompt": it.prompt,
+                         "box": list(it.box) if it.box else None, "copies": it.copies,
+                         "reference": f"references/{it.group}.png", "mask": f"masks/{it.group}.png"})
+        (tmp / ITEMS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / GENERIC_FILE).write_text("".join(c + "\n" for c in truth.generic_prompts))
+
+    return atomic_write_dir(Path(organism_dir) / GROUND_TRUTH, write)
 
 
 def write_ground_truth(dataset_dir: str | Path, organism_dir: str | Path, n_generic: int = 64) -> Path:

@@ -103,7 +103,8 @@ def evaluate_run(org_dir: Path, eval_dir: Path, demo_seed: int) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     # Reuse a summary only if it scored these weights against the organism's own ground truth.
     fresh = summary is not None and summary_path.stat().st_mtime > weights.stat().st_mtime and \
-        summary.get("settings", {}).get("items_from") == "organism"
+        summary.get("settings", {}).get("items_from") == "organism" and \
+        set(TABLE_TOKENS) <= set(summary.get("localization_by_token", {}))
     if not fresh:
         import shutil
 
@@ -185,7 +186,8 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-TABLE_TOKENS = ("bos", "word_mean", "end", "pad_1", "pad_mean")  # study.json keeps every token
+# study.json keeps every token; "outer/" reads both ends of the UNet (the probe's layers="outer")
+TABLE_TOKENS = ("bos", "word_mean", "end", "pad_mean", "end+padding", "outer/end", "outer/end+padding")
 
 
 def _pair(d: dict | None) -> str:

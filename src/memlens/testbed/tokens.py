@@ -3,8 +3,8 @@ attention grid allows a template (small templates' IoU is bounded by the grid, n
 
 Token names, for a prompt of n words padded to T tokens with the end token at position n + 1:
 `bos` (position 0), `word_1` .. `word_n`, `word_mean`, `end` (the first EOS: the paper's token), `pad_1` ..
-`pad_{T-n-2}` (the positions after it: the end token repeated in SD v1's layout, a pad token in SD v2's) and
-`pad_mean`. Position-named entries pool the prompts that have that position.
+`pad_{T-n-2}` (the positions after it: the end token repeated in SD v1's layout, a pad token in SD v2's),
+`pad_mean`, and `end+padding` (the end token and the padding together). Position-named entries pool the prompts that have that position.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def token_positions(end_index: int, num_tokens: int) -> dict[str, list[int]]:
         names[f"pad_{k}"] = [pos]
     if pads:
         names["pad_mean"] = pads
+        names["end+padding"] = [end_index] + pads  # the probe's token="eos+padding"
     return names
 
 

@@ -160,9 +160,10 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
 def _save_checkpoint(out: Path, state: dict, keep: int) -> None:
     d = out / CHECKPOINTS / f"step_{state['step']:07d}"
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "state.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(d / "state.pt")  # atomic: a killed job never leaves a half-written checkpoint
+    from memlens.rundir import atomic_write
+
+    # A killed job never leaves a half-written checkpoint that `resume` would pick.
+    atomic_write(d / "state.pt", lambda fh: torch.save(state, fh), durable=True)
     for old in _checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
 
