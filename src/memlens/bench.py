@@ -29,8 +29,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,28 +358,18 @@ def run_bench(out_dir: str | Path, *, model: str | Any = "testbed", prompts: str
             raise InputError("`prompts` is needed for a model other than the organism (a file with 0/1 labels)")
         items, groups = _file_items(Path(prompts), Path(masks) if masks else None, s), {}
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "maps").mkdir(parents=True)
-    (tmp / "images").mkdir()
-    try:
-        board = _run_into(tmp, model, organism, items, groups, s, dtype, device, progress)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from memlens import rundir
+
+    board: dict = {}
+
+    def write(tmp: Path) -> None:
+        (tmp / "maps").mkdir()
+        (tmp / "images").mkdir()
+        board.update(_run_into(tmp, model, organism, items, groups, s, dtype, device, progress))
+
+    # The whole folder is swapped in at the end: an earlier bench stays whole until the new one is complete.
+    rundir.atomic_write_dir(out, write)
     return board
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    # The whole folder is replaced at once: an earlier bench stays whole until the new one is complete.
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_pipe(model, organism: Path | None, dtype: str, device: str):
