@@ -7,10 +7,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from memlens import rundir
-from memlens.screen import SCREEN_FILE, run_screened_scan, screen_scores
+from memlens.screen import SCREEN_FILE, screen_scores
 
 PROMPTS = ["antique gold coins", "tabby cat staring", "a red circle on blue", "a green square on yellow"]
 

@@ -15,7 +15,7 @@ Formulas come from `memlens.quantities` and `memlens.field`, numbers from `memle
 Cost is measured in the same run: the wall time of each UNet step and of each extra computation, so a method's
 relative wall time is (the generation steps it needs + its own extra work) / (the plain generation's time).
 
-Outputs (written to a temporary sibling folder and renamed into place, so OUT is whole or absent):
+Outputs (written to a temporary sibling folder and swapped in by `rundir.atomic_write_dir`: OUT is whole or absent):
     OUT/leaderboard.json   {"localization": {...}, "detection": {...}, "mitigation": {}, "settings", "n"}
     OUT/leaderboard.md     the table
     OUT/leaderboard.html   ROC curves and example maps side by side
@@ -30,9 +30,9 @@ import base64
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +72,8 @@ class BenchSettings:
             # The anisotropy cosine term reads timesteps[-3].
             raise InputError(f"`steps` must be at least 3 (anisotropy uses the third-to-last step), got {self.steps}")
         if self.guidance is not None and self.guidance <= 1:
-            raise InputError(f"`guidance` must be above 1 (every method compares eps_c with eps_u), got {self.guidance}")
+            raise InputError(f"`guidance` must be above 1 (every method compares eps_c with eps_u), "
+                             f"got {self.guidance}")
 
 
 @dataclass
@@ -338,7 +339,7 @@ def run_bench(out_dir: str | Path, *, model: str | Any = "testbed", prompts: str
     """Run every method on one set of generations and write the leaderboard to `out_dir`; returns the leaderboard.
 
     `model="testbed"` (or an organism folder holding `ground_truth/`) takes prompts, labels, types and masks from the
-    organism's ground truth; a local masks is then used only for local generations that reproduce their item (as
+    organism's ground truth; a local item's mask is then used only for generations that reproduce the item (as
     `memlens demo`). Any other model needs `prompts`: a prompt file with 0/1 labels (and types), plus optionally
     `masks`, a folder of `<index>.png` (or `<prompt_index>.png`) masks for memorized prompts.
     """
@@ -605,7 +606,8 @@ def format_markdown(board: dict) -> str:
                      f"{c.get('unet_evaluations', 'n/a')} | "
                      f"{_f(c.get('wall_time_relative'))} |")
     n = board["n"]
-    lines += ["", f"{n['with_mask']} generations with a mask; the full-set ORACLE adds {n['oracle_set'] - n['with_mask']} "
+    added = n["oracle_set"] - n["with_mask"]
+    lines += ["", f"{n['with_mask']} generations with a mask; the full-set ORACLE adds {added} "
               "generations: global copies (all-one masks) and novel non-memorized images (all-zero masks).",
               "", "## Detection", "",
               "| method | AUC | TPR@1%FPR (Wen: < 1%) | TPR@1%FPR (nearest) | UNet evals / image | "

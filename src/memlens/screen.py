@@ -14,7 +14,6 @@ same settings resumes like any scan (the screen itself is recomputed: it is the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
