@@ -420,3 +420,53 @@ def test_paired_difference_equals_the_batch_form():
     batch = quantities.guidance_difference(torch.cat([uncond, cond]), 4)
     assert torch.equal(quantities.paired_difference(cond, uncond, 4), batch)
     assert torch.equal(batch, (cond[:, :4] - uncond[:, :4]).float())
+
+
+# -- memlens scan on a saved tiny transformer pipeline ------------------------------------------------------------------
+
+
+def _cli(argv) -> int:
+    from memlens.cli import main
+
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as ex:
+        return int(ex.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def prompt_txt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "p.txt"
+    path.write_text("a cat\ntwo dogs on a sofa\n")
+    return path
+
+
+@pytest.mark.parametrize("family,size", [("pixart", 256), ("sd3", 32)])
+def test_cli_scan_on_a_saved_transformer_pipeline(family, size, prompt_txt, tmp_path):
+    import json
+
+    folder = tmp_path / family
+    tiny_dit_pipeline(family).save_pretrained(folder)
+    out = tmp_path / "scan"
+    args = ["scan", "--model", folder, "--prompts", prompt_txt, "--out", out, "--steps", 2, "--batch-size", 2]
+    assert _cli(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["pipeline"]["family"] == family
+    assert (run["settings"]["height"], run["settings"]["width"]) == (size, size)  # the transformer's native size
+    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == ["a cat", "two dogs on a sofa"]
+    for line in lines:
+        assert len(line["D"]) == len(line["LD"]) == 2 and np.isfinite(line["D"]).all()
+        assert np.load(out / line["be_map"]).ndim == 2
+
+
+def test_cli_scan_refuses_flux_without_true_cfg_in_one_line(prompt_txt, tmp_path, capsys):
+    folder = tmp_path / "flux"
+    tiny_dit_pipeline("flux").save_pretrained(folder)
+    out = tmp_path / "scan"
+    args = ["scan", "--model", folder, "--prompts", prompt_txt, "--out", out, "--steps", 2, "--height", 32,
+            "--width", 32]
+    assert _cli(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "true_cfg_scale" in line]
+    assert len(err) == 1 and "true_cfg_scale > 1 AND a negative prompt" in err[0]
