@@ -197,7 +197,9 @@ def first_index(ids: Sequence[int], token_id: int) -> int:
     return len(ids) - 1
 
 
-def segment_input_ids(pipe, segment: TextSegment, prompts: Sequence[str]) -> list[list[int]]:
+def segment_input_ids(
+    pipe, segment: TextSegment, prompts: Sequence[str], clean_caption: bool | None = None
+) -> list[list[int]]:
     """The ids the segment's text encoder receives for `prompts`, tokenised exactly as the pipeline's encode_prompt.
 
     PixArt first lower-cases/strips the prompt in `_text_preprocessing`
@@ -207,20 +209,23 @@ def segment_input_ids(pipe, segment: TextSegment, prompts: Sequence[str]) -> lis
     tok = getattr(pipe, segment.tokenizer_attr)
     text = list(prompts)
     if family_of(pipe) == "pixart":
-        clean = _call_default(pipe, "clean_caption")
+        # The call's own clean_caption when known: with bs4 + ftfy installed it changes the ids.
+        clean = _call_default(pipe, "clean_caption") if clean_caption is None else clean_caption
         text = pipe._text_preprocessing(text, clean_caption=clean)
     return tok(
         text, padding="max_length", max_length=segment.length, truncation=True, add_special_tokens=True
     ).input_ids
 
 
-def end_token_positions(pipe, segment: TextSegment, prompts: Sequence[str]) -> list[int]:
+def end_token_positions(
+    pipe, segment: TextSegment, prompts: Sequence[str], clean_caption: bool | None = None
+) -> list[int]:
     """Per prompt, the end token's index in the transformer's TEXT sequence (segment.start included).
 
     CLIP: the first <|endoftext|> (SD3 CLIP-L and CLIP-G put it at the same position; CLIP-G pads with "!").
     T5: the first </s> (T5 has no BOS; it appends </s>, then pads with <pad>).
     """
-    ids = segment_input_ids(pipe, segment, prompts)
+    ids = segment_input_ids(pipe, segment, prompts, clean_caption)
     return [segment.start + first_index(row, segment.end_token_id) for row in ids]
 
 

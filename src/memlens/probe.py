@@ -432,7 +432,7 @@ class BrightEndingProbe(capture.AttentionSink):
                 text = [text] if isinstance(text, str) else list(text)
                 if len(text) != len(prompts):
                     raise MemlensError(f"{seg.prompt_argument} has {len(text)} entries for {len(prompts)} prompts")
-                positions[seg.name] = dit_layout.end_token_positions(pipe, seg, text)
+                positions[seg.name] = dit_layout.end_token_positions(pipe, seg, text, args.get("clean_caption"))
         elif self.eos_indices is not None:
             prompts = list(self.prompts) if self.prompts is not None else [""] * len(self.eos_indices)
             if len(self.eos_indices) != len(prompts):
