@@ -459,6 +459,8 @@ def test_cli_scan_on_a_saved_transformer_pipeline(family, size, prompt_txt, tmp_
     for line in lines:
         assert len(line["D"]) == len(line["LD"]) == 2 and np.isfinite(line["D"]).all()
         assert np.load(out / line["be_map"]).ndim == 2
+    if family == "sd3":
+        assert _cli(["report", out]) == 0 and (out / "report.html").stat().st_size > 0
 
 
 def test_cli_scan_refuses_flux_without_true_cfg_in_one_line(prompt_txt, tmp_path, capsys):
