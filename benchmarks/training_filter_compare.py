@@ -41,7 +41,7 @@ def evaluate(model: Path, out: Path, seed: int = 0, per_memorized: int = 8) -> d
     from memlens.testbed.evaluation import background_accuracy, heldout_generic_loss, palette_distance, prompt_set
     from memlens.testbed.pipeline import load_pipeline
 
-    summary = run_demo(out, model=model, seed=seed, per_memorized=per_memorized, verbose=False)
+    summary = run_demo(out, organism=model, seed=seed, per_memorized=per_memorized, progress=False).summary
     pipe = load_pipeline(model)
     generic = [p.text for p in prompt_set(64) if p.kind == "generic"]
     images = pipe(generic, generator=torch.Generator().manual_seed(seed + 7)).images

@@ -11,6 +11,7 @@ from PIL import Image
 
 from _scan_factory import make_scan
 from memlens import evaluate as E
+from memlens import rundir
 from memlens.cli import main
 
 
@@ -86,7 +87,7 @@ def test_detection_numbers_files_and_types(tmp_path, capsys):
 def test_detection_positive_and_negative_scans_without_labels(tmp_path, capsys):
     make_scan(tmp_path / "mem", n_prompts=2, per_prompt=2, labels=False, d_of=lambda p, j, r: [5.0, 5.0])
     make_scan(tmp_path / "non", n_prompts=3, per_prompt=2, labels=False, d_of=lambda p, j, r: [1.0 + p, 1.0])
-    res = E.detection_results([tmp_path / "mem", tmp_path / "non"])
+    res = E.detection_results([tmp_path / "mem", tmp_path / "non"]).report
     assert res["labels_from"].startswith("scan order")
     assert res["n_prompts"] == 5  # prompt 0 of each scan is a different prompt
     r = row(res, signal="D", T="1", level="generation", subset="all")
@@ -133,9 +134,9 @@ def test_reads_a_scan_in_progress_like_the_scan_writer_leaves_it(tmp_path):
     main_log.write_text(lines[0] + "\n")
     (tmp_path / "s" / "shards").mkdir()
     (tmp_path / "s" / "shards" / "rank-1.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:40])
-    got = E.load_generations(tmp_path / "s")
-    assert [r["prompt_index"] for r in got] == [0, 1]
-    assert got[1]["_file"].name == "rank-1.jsonl" and got[1]["_line"] == 2
+    got = rundir.read_generations(tmp_path / "s")
+    assert [r.prompt_index for r in got] == [0, 1]
+    assert got[1].source.name == "rank-1.jsonl" and got[1].line == 2
     assert len(recs) == 3
 
 
@@ -146,7 +147,7 @@ def test_crash_during_write_leaves_no_complete_looking_file(tmp_path, monkeypatc
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(E.os, "replace", boom)
+    monkeypatch.setattr(rundir.os, "replace", boom)
     with pytest.raises(OSError):
         E.write_json(target, {"a": 1})
     assert target.read_text() == "old\n"
@@ -207,7 +208,7 @@ def test_localization_upsamples_small_maps_and_rejects_wrong_mask_size(tmp_path,
         ["evaluate", "localization", "--scan", str(tmp_path / "scan"), "--masks", str(tmp_path / "masks")], capsys
     )
     assert code == 2
-    assert "1001.png: mask is 12x16 (WxH) but image" in err and "p001_i00.png is 16x16" in err
+    assert "1001.png: mask is 12x16 (WxH) but image" in err and "00001_00.png is 16x16" in err
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -75,6 +75,15 @@ def test_otsu_splits_clusters_like_brute_force_between_class_variance():
     assert not L.binarize_otsu(np.ones((3, 3))).any()
 
 
+def test_otsu_on_a_map_flat_to_float32_resolution():
+    # An attention map whose values differ only in float32's last bits (seen on padding tokens): skimage refuses
+    # 256 float32 bins over such a range; the split must still be the one between its two levels.
+    base = np.float32(0.0625)
+    m = np.full((8, 8), base, np.float32)
+    m[:3] = np.nextafter(base, np.float32(1))
+    assert np.array_equal(L.binarize_otsu(m), m > base)
+
+
 def test_pixel_auroc_pooled_and_per_image():
     rng = np.random.default_rng(2)
     maps = [rng.random((6, 6)) for _ in range(3)]

@@ -12,7 +12,7 @@ from memlens import InputError
 from memlens.mitigation import Job, Settings, mitigate_batch
 from memlens.mitigation.baselines import (augment_prompt, caption_word_repetition, gaussian_noise,
                                           random_number_insertion, random_token_insertion)
-from memlens.mitigation.cli import run_mitigation
+from memlens.mitigation.runner import run_mitigation
 from memlens.testing import tiny_pipeline, tiny_tokenizer
 
 PROMPT = "the great wave off kanagawa by hokusai"
@@ -71,7 +71,7 @@ def test_mitigate_writes_scan_layout_and_resumes(sd1, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a cat", "caption1": "a kitten", "label": 1}\n{"prompt": "hello"}\n')
     s = Settings(method="prss-be", steps=2, guidance=3.0, l_target_ss=0.0, l_target_pr=0.0, mag_thres_pr=1.0)
-    out = run_mitigation(sd1, str(prompts), tmp_path / "out", s, num_images=2, batch_size=3, progress=False)
+    out = run_mitigation(sd1, str(prompts), tmp_path / "out", s, num_images=2, batch_size=3, progress=False).path
     lines = [json.loads(l) for l in (out / "generations.jsonl").read_text().splitlines()]
     assert [(l["prompt_index"], l["image_index"], l["seed"]) for l in lines] == [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)]
     for l in lines:
@@ -86,6 +86,40 @@ def test_mitigate_writes_scan_layout_and_resumes(sd1, tmp_path):
     before = (out / "generations.jsonl").read_bytes()
     run_mitigation(sd1, str(prompts), tmp_path / "out", s, num_images=2, batch_size=3, progress=False)
     assert (out / "generations.jsonl").read_bytes() == before  # nothing left to do
-    with pytest.raises(InputError, match="--method and its options"):
+    with pytest.raises(InputError, match="`settings` \\(method and options\\)"):
         run_mitigation(sd1, str(prompts), tmp_path / "out", Settings(method="pe", steps=2, guidance=3.0),
                        num_images=2, progress=False)
+
+
+def test_mitigate_takes_steps_and_guidance_from_the_pipeline(recommending_pipe, tmp_path):
+    pipe = recommending_pipe
+    res = run_mitigation(pipe, ["a cat"], tmp_path / "out", Settings(method="none"), progress=False)
+    run = json.loads((res.path / "run.json").read_text())
+    assert (run["settings"]["steps"], run["settings"]["guidance"]) == (2, 3.0)
+    line = json.loads((res.path / "generations.jsonl").read_text())
+    assert len(line["D"]) == 2
+
+
+@pytest.mark.parametrize("target", [0.0, -1.0])
+def test_target_must_be_positive(target, tmp_path, capsys):
+    from memlens.cli import main
+
+    with pytest.raises(InputError, match="`target` must be > 0"):
+        Settings(method="pe", target=target).validate()
+    with pytest.raises(SystemExit) as ex:  # refused before any model loads: the model does not even exist
+        main(["mitigate", "--model", str(tmp_path / "none"), "--prompts", "p.txt", "--out", str(tmp_path / "o"),
+              "--method", "pe", "--target", str(target)])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and "--target must be > 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_mitigate_takes_the_lock_before_reading_or_writing(sd1, tmp_path):
+    from memlens import rundir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with rundir.Log(out / rundir.GENERATIONS):  # a mitigation still running in another process
+        with pytest.raises(InputError, match="another mitigate is writing to this folder"):
+            run_mitigation(sd1, ["a cat"], out, Settings(method="none", steps=2, guidance=3.0), progress=False)
+    assert not (out / rundir.RUN_JSON).exists()  # it wrote nothing before the lock refused it

@@ -38,13 +38,13 @@ def test_facts_guess_family_and_native_size(family):
 
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(InputError, match=r"--model .*/no-such-model: no such folder"):
+    with pytest.raises(InputError, match=r"`model` .*/no-such-model: no such folder"):
         load_pipeline(str(tmp_path / "no-such-model"))
 
 
 def test_folder_without_model_index_is_named(tmp_path):
     (tmp_path / "unet").mkdir()
-    with pytest.raises(InputError, match=rf"--model {tmp_path}: not a diffusers pipeline folder \(no model_index.json\)"):
+    with pytest.raises(InputError, match=rf"`model` {tmp_path}: not a diffusers pipeline folder \(no model_index.json\)"):
         load_pipeline(str(tmp_path))
 
 
@@ -66,7 +66,7 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"dtype": "float8"}, "--dtype"), ({"device": "tpu9"}, "--device")])
+@pytest.mark.parametrize("kwargs, message", [({"dtype": "float8"}, "`dtype`"), ({"device": "tpu9"}, "`device`")])
 def test_bad_dtype_or_device(sd1_folder, kwargs, message):
     with pytest.raises(InputError, match=message):
         load_pipeline(str(sd1_folder), **kwargs)
@@ -94,3 +94,28 @@ def test_model_identity_normalises_paths(sd1_folder, monkeypatch):
     assert model_identity(sd1_folder.name) == model_identity(str(sd1_folder)) == str(sd1_folder.resolve())
     assert model_identity("org/model") == "org/model"
     assert model_identity("testbed") == "testbed"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_unreachable_hub_fails_at_once_with_one_line(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(InputError) as info:
+        load_pipeline("memlens-test/not-a-cached-model")
+    assert time.monotonic() - t0 < 5
+    assert "cannot be reached" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_loading_leaves_the_libraries_logging_as_it_was(sd1_folder):
+    from diffusers.utils import logging as dlog
+
+    before = (dlog.get_verbosity(), dlog.is_progress_bar_enabled())
+    load_pipeline(str(sd1_folder))
+    assert (dlog.get_verbosity(), dlog.is_progress_bar_enabled()) == before

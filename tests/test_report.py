@@ -61,7 +61,7 @@ def test_page_is_self_contained_and_escaped(scan, tmp_path):
 
 def test_unlabelled_scan_missing_images_link_mode_and_downscale(tmp_path):
     make_scan(tmp_path / "scan", n_prompts=2, per_prompt=1, size=600, labels=False)
-    (tmp_path / "scan" / "overlays" / "p001_i00.png").unlink()
+    (tmp_path / "scan" / "be_maps" / "00001_00.npy").unlink()  # its overlay is drawn from the map
     page = write_report(tmp_path / "scan").read_text()  # default: DIR/report.html
     assert "No ROC curves" in page and "1 image(s) missing or unreadable" in page and ">missing<br>" in page
     big = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)

@@ -112,7 +112,7 @@ def test_image_matches_a_plain_pipeline_call_with_its_seed(reference, pipe):
 
 
 def test_batch_size_does_not_change_results(reference, pipe, prompt_file, tmp_path):
-    one = run_scan(pipe, prompt_file, tmp_path / "b1", num_images=2, batch_size=1, progress=False, **FAST)
+    one = run_scan(pipe, prompt_file, tmp_path / "b1", num_images=2, batch_size=1, progress=False, **FAST).path
     a, b = read(reference), read(one)
     # Batched float32 kernels round differently from single ones, hence a tolerance instead of equality.
     assert_same_records(a, b, rtol=1e-4)
@@ -161,9 +161,14 @@ def test_torn_tail_dropped_and_rest_resumed(reference, pipe, prompt_file, tmp_pa
     (out / "run.json").write_text(json.dumps(run))
 
     CountingProbe.calls = 0
-    run_scan(pipe, prompt_file, out, num_images=2, batch_size=4, progress=False, probe_factory=CountingProbe, **FAST)
-    assert CountingProbe.calls == 1  # 4 missing images, one batch
-    assert_same_records(read(out), read(reference), rtol=1e-4)
+    res = run_scan(pipe, prompt_file, out, num_images=2, batch_size=4, progress=False, probe_factory=CountingProbe,
+                   **FAST)
+    # The documented batch boundaries are kept: batch 0 (2 of its 4 images done) is generated whole again and
+    # batch 1 once, so every image comes from the same batch as in the uninterrupted run: bit-identical records.
+    assert CountingProbe.calls == 2 and res.resumed_from == 2
+    assert_same_records(read(out), read(reference), rtol=0.0)
+    for x, y in zip(read(out), read(reference)):
+        assert np.array_equal(pixels(out, x), pixels(reference, y))
     assert run_json(out)["status"] == "complete" and run_json(out)["runs"] == 2
 
     CountingProbe.calls = 0  # a complete scan reruns as a no-op that touches nothing
@@ -174,7 +179,7 @@ def test_torn_tail_dropped_and_rest_resumed(reference, pipe, prompt_file, tmp_pa
 
 @pytest.mark.parametrize(
     "change, option",
-    [({"steps": 3}, "--steps"), ({"seed": 4}, "--seed"), ({"num_images": 1}, "--num-images"), ({"guidance": 5.0}, "--guidance"), ({"height": 64}, "--height")],
+    [({"steps": 3}, "`steps`"), ({"seed": 4}, "`seed`"), ({"num_images": 1}, "`num_images`"), ({"guidance": 5.0}, "`guidance`"), ({"height": 64}, "`height`")],
 )
 def test_other_settings_refused_with_the_setting_named(reference, pipe, prompt_file, change, option):
     before = (reference / "generations.jsonl").read_bytes()
@@ -188,7 +193,7 @@ def test_other_settings_refused_with_the_setting_named(reference, pipe, prompt_f
 def test_changed_prompts_refused(reference, pipe, tmp_path):
     other = tmp_path / "p.txt"
     other.write_text("a red cat on a mat\na blue dog\nsomething else\n")
-    with pytest.raises(InputError, match="--prompts"):
+    with pytest.raises(InputError, match="`prompts`"):
         run_scan(pipe, other, reference, num_images=2, progress=False, **FAST)
 
 
@@ -227,7 +232,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(model_folder, tmp_path
     assert run_json(out)["status"] == "running"  # nothing claims completeness
 
     run_scan(str(model_folder), prompts, out, **settings)
-    whole = run_scan(str(model_folder), prompts, tmp_path / "whole", **settings)
+    whole = run_scan(str(model_folder), prompts, tmp_path / "whole", **settings).path
     resumed = read(out)
     assert len({(r["prompt_index"], r["image_index"]) for r in resumed}) == len(resumed) == 24
     assert_same_records(resumed, read(whole), rtol=1e-5)
@@ -337,7 +342,7 @@ def test_two_processes_resume_shards_and_merge_in_order(model_folder, prompt_fil
 
 
 def test_second_scan_into_a_busy_folder_is_refused(reference, pipe, prompt_file):
-    from memlens.scanstore import Log
+    from memlens.rundir import Log
 
     with Log(reference / "generations.jsonl"):  # stands for a scan still running in another process
         with pytest.raises(InputError, match="another scan is writing to this folder"):
@@ -345,7 +350,7 @@ def test_second_scan_into_a_busy_folder_is_refused(reference, pipe, prompt_file)
 
 
 def test_guidance_without_cfg_refused_before_writing(pipe, prompt_file, tmp_path):
-    with pytest.raises(InputError, match="--guidance must be above 1"):
+    with pytest.raises(InputError, match="`guidance` must be above 1"):
         run_scan(pipe, prompt_file, tmp_path / "scan", guidance=1.0, steps=2, progress=False)
     assert not (tmp_path / "scan").exists()
 
@@ -356,21 +361,86 @@ def test_pipeline_refusal_is_an_input_error(pipe, prompt_file, tmp_path):
     assert run_json(tmp_path / "scan")["status"] == "running"  # never "complete"
 
 
-def test_steps_and_guidance_default_to_what_the_pipeline_recommends(prompt_file, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    class Recommending(StableDiffusionPipeline):  # declares its sampling settings in its config, as the organism does
-        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
-                     image_encoder=None, requires_safety_checker=False, default_num_inference_steps: int = 2,
-                     default_guidance_scale: float = 3.0):
-            super().__init__(vae, text_encoder, tokenizer, unet, scheduler, None, None, None, False)
-            self.register_to_config(
-                default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
-            )
-
-    pipe = Recommending(**tiny_pipeline("sd1").components, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    out = run_scan(pipe, prompt_file, tmp_path / "scan", progress=False)
+def test_steps_and_guidance_default_to_what_the_pipeline_recommends(recommending_pipe, prompt_file, tmp_path):
+    pipe = recommending_pipe
+    out = run_scan(pipe, prompt_file, tmp_path / "scan", progress=False).path
     settings = run_json(out)["settings"]
     assert (settings["steps"], settings["guidance"]) == (2, 3.0)
     assert all(len(r["D"]) == 2 for r in read(out))
+
+
+# --- what a newcomer hit --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["parent is a file", "unrelated files", "a demo run", "not writable"])
+def test_output_folder_checked_before_the_model_loads(case, model_folder, prompt_file, tmp_path, monkeypatch,
+                                                      capsys):
+    import memlens.models
+    from memlens import rundir
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(memlens.models, "load_pipeline", no_loading)
+    (tmp_path / "one.txt").write_text("x")
+    out, expected = {
+        "parent is a file": (tmp_path / "one.txt" / "sub", "one.txt is a file, not a folder"),
+        "unrelated files": (tmp_path, "is not empty and holds no memlens run (one.txt)"),
+        "a demo run": (tmp_path / "demo", "holds a demo run, not a scan"),
+        "not writable": (tmp_path / "new", "is not writable"),
+    }[case]
+    if case == "a demo run":
+        out.mkdir()
+        (out / "run.json").write_text(json.dumps({"kind": "demo", "settings": {}}))
+    if case == "not writable":  # root ignores permission bits, so the check's view of them stands in
+        monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert cli(["scan", "--model", model_folder, "--prompts", prompt_file, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memlens: error: --out ") and expected in err and err.count("\n") == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_long_prompts_warned_once_with_their_count(pipe, tmp_path, caplog):
+    long = " ".join(["word"] * 120)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"short one\n{long}\n{long} again\n")
+    with caplog.at_level("WARNING", logger="memlens"):
+        run_scan(pipe, prompts, tmp_path / "scan", num_images=2, batch_size=1, progress=False, **FAST)
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("memlens")]
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 3 prompts are longer than the model's 77-token context")
+
+
+def test_progress_counts_what_a_resume_found_done(reference, pipe, prompt_file, tmp_path, capsys):
+    out = tmp_path / "scan"
+    shutil.copytree(reference, out)
+    lines = (out / "generations.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "generations.jsonl").write_bytes(b"".join(lines[:4]))
+    run_scan(pipe, prompt_file, out, num_images=2, batch_size=4, progress=True, **FAST)
+    err = capsys.readouterr().err
+    assert "resuming: 4 of 6 images already recorded" in err
+    assert "6/6" in err and "2/2" not in err  # the bar counts the whole scan, starting at what was done
+
+
+def test_threads_default_to_one_on_cpu_and_follow_the_option(model_folder, prompt_file, tmp_path, monkeypatch):
+    import torch
+
+    import memlens.scan
+    from memlens.scan import ScanResult
+
+    seen = []
+
+    def fake_scan(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return ScanResult(tmp_path, "complete", 0, 0, 0)
+
+    monkeypatch.setattr(memlens.scan, "run_scan", fake_scan)
+    try:
+        torch.set_num_threads(2)
+        assert cli(["scan", "--model", model_folder, "--prompts", prompt_file, "--out", tmp_path / "a",
+                    "--device", "cpu"]) == 0
+        assert cli(["scan", "--model", model_folder, "--prompts", prompt_file, "--out", tmp_path / "b",
+                    "--device", "cpu", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1, 2]

@@ -5,18 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from memlens.testbed.analysis import FullAttention, main, token_maps
+from pathlib import Path
 
-
-def test_token_maps_against_hand_computation():
-    rng = np.random.default_rng(0)
-    att = rng.random((4, 4, 8))
-    eos = 3  # BOS, two words, END, then four padding positions
-    maps = token_maps(att, eos)
-    np.testing.assert_allclose(maps["END"], att[:, :, 3])
-    np.testing.assert_allclose(maps["BOS"], att[:, :, 0])
-    np.testing.assert_allclose(maps["word_mean"], (att[:, :, 1] + att[:, :, 2]) / 2)
-    np.testing.assert_allclose(maps["padding"], att[:, :, 4:].sum(-1) / 4)
+from memlens.cli import main
+from memlens.testbed.analysis import FullAttention
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
@@ -41,6 +33,15 @@ def test_full_attention_keeps_the_conditional_last_step(guidance):
     assert not any(type(p).__name__ == "CaptureProcessor" for p in pipe.unet.attn_processors.values())
 
 
+def analyze(argv, capsys=None) -> int:
+    """`memlens testbed analyze ...`; returns the exit status."""
+    try:
+        main(["testbed", "analyze", *[str(a) for a in argv]])
+    except SystemExit as ex:
+        return int(ex.code or 0)
+    return 0
+
+
 def test_cli_writes_json_and_grid(tmp_path, monkeypatch):
     import memlens.testbed.analysis as analysis
 
@@ -52,20 +53,19 @@ def test_cli_writes_json_and_grid(tmp_path, monkeypatch):
 
     monkeypatch.setattr(analysis, "analyse", fake_analyse)
     out = tmp_path / "an.json"
-    main(["MODEL", str(out), "--per-prompt", "3", "--guidance", "1.5"])
+    assert analyze(["MODEL", out, "--per-prompt", "3", "--guidance", "1.5"]) == 0
     assert json.loads(out.read_text())["reproduce"] == {"global": 1.0}
     grid = str(tmp_path / "an.png")
     # Unset steps and guidance reach analyse as None, so it takes the pipeline's recommendation.
-    assert calls == {"model_dir": "MODEL", "per_prompt": 3, "steps": None, "guidance": 1.5, "seed": 0, "grid": grid}
-    main(["MODEL", str(out), "--steps", "7"])
+    assert calls == {"model_dir": Path("MODEL"), "per_prompt": 3, "steps": None, "guidance": 1.5, "seed": 0,
+                     "grid": grid}
+    assert analyze(["MODEL", out, "--steps", "7"]) == 0
     assert calls["steps"] == 7 and calls["guidance"] is None
 
 
 def test_cli_without_arguments_prints_usage(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([])
-    assert exc.value.code == 2
-    assert "model_dir" in capsys.readouterr().err
+    assert analyze([]) == 2
+    assert "Missing argument 'model_dir'" in capsys.readouterr().err
 
 
 def test_x0_trajectory_ends_at_the_pipelines_image():
@@ -88,22 +88,31 @@ def test_x0_trajectory_ends_at_the_pipelines_image():
     assert np.abs(x0[0] - img).mean() > 10  # while the first prediction is still far from it
 
 
-def test_trajectory_cli_rejects_an_unknown_group(tmp_path):
-    with pytest.raises(SystemExit, match="unknown group 'nope'"):
-        main(["MODEL", str(tmp_path / "t.json"), "--trajectory", "nope"])
+def test_trajectory_cli_rejects_an_unknown_group(tmp_path, capsys):
+    from memlens.testbed.pipeline import WEIGHTS_DIR
+
+    assert analyze([WEIGHTS_DIR, tmp_path / "t.json", "--trajectory", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown group 'nope'" in err and err.count("\n") == 1
+    assert not (tmp_path / "t.json").exists()
 
 
-def test_cli_with_a_folder_that_is_no_model_names_it(tmp_path):
+def test_cli_with_a_folder_that_is_no_model_names_it(tmp_path, capsys):
     out = tmp_path / "an.json"
-    with pytest.raises(SystemExit, match="nomodel: no model_index.json"):
-        main([str(tmp_path / "nomodel"), str(out)])
+    assert analyze([tmp_path / "nomodel", out]) == 2
+    assert "nomodel: no model_index.json" in capsys.readouterr().err
     assert not out.exists()
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "ten"])
 def test_cli_refuses_steps_below_one(bad, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["MODEL", str(tmp_path / "an.json"), "--steps", bad])
-    assert exc.value.code == 2
-    assert f"--steps: expected a whole number >= 1, got '{bad}'" in capsys.readouterr().err
+    assert analyze(["MODEL", tmp_path / "an.json", "--steps", bad]) == 2
+    assert "Invalid value for '--steps'" in capsys.readouterr().err
     assert not (tmp_path / "an.json").exists()
+
+
+def test_analysis_module_has_no_second_cli():
+    import memlens.testbed.analysis as analysis
+
+    # One CLI framework: the analysis is `memlens testbed analyze`, not an argparse script of its own.
+    assert not hasattr(analysis, "main") and "argparse" not in analysis.__dict__

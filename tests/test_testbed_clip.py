@@ -72,9 +72,14 @@ def test_pretraining_is_a_function_of_the_seed_and_learns(data, clip_dir, tmp_pa
 def test_pretraining_resume_is_exact(data, clip_dir, tmp_path):
     part = pretrain_clip(data, tmp_path / "part", _clip(6), progress=False, stop_after=3)
     assert not (part / "text_encoder").exists()  # an interrupted run leaves no encoder that looks finished
+    # As if killed after logging step 4 but before its next checkpoint (6): the resumed run logs step 4 again.
+    with open(part / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     pretrain_clip(data, part, _clip(6), resume=True, progress=False)
     a, b = _tensors(clip_dir), _tensors(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (part / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3, 4, 6] and all(r["loss"] > 0 for r in log)
 
 
 def test_pooled_output_is_the_end_token_in_both_layouts(data, tmp_path):

@@ -1,12 +1,21 @@
-"""The `memlens` command line. Thin: every command is a call into a module that does the work.
+"""The `memlens` command line: every Typer command of memlens lives here or in a sub-package's `cli.py`
+(`memlens.mitigation.cli`, `memlens.testbed.cli`).
 
-Sub-commands live next to the code they drive and are mounted here, so this file stays a table of contents.
+A command maps its flags to a library call's parameters and prints what came back. Process-wide state (torch's thread
+count, log output) is set here, never in the library. Library errors name parameters in backticks (`` `out_dir` ``);
+`main` prints them on one line with the flag a user typed (`--out`) and exits with status 2.
+Nothing heavy is imported at module level, so `memlens --help` answers at once and imports no torch.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,62 +28,275 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+evaluate_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+# Library parameter -> the flag that sets it, where the flag is not simply `--the-name`.
+_FLAGS = {
+    "out_dir": "--out",
+    "scan_dirs": "--scan",
+    "masks_dir": "--masks",
+    "references_dir": "--references",
+    "probe_options": "probe options",
+    "settings` (method and options": "--method and its options",
+    "organism": "--model",
+    "pipe_or_model": "--model",
+    "out_json": "out_json",
+    "out_path": "--out",
+    "model_dir": "model_dir",
+}
+
+
+# Library parameters whose flag is `--the-name` (dashes for underscores). Only these and `_FLAGS` are rewritten:
+# other backticked words in a message (a file's field names) stay as they are.
+_PARAMS = {
+    "model", "prompts", "num_images", "steps", "guidance", "seed", "batch_size", "height", "width", "dtype", "device",
+    "threads", "method", "target", "max_iters", "repeat", "mask_steps", "l_target_ss", "l_target_pr", "mag_thres_pr",
+    "noise_lambda", "per_memorized", "per_generic", "n_generic", "preset", "mask_normalize", "clip_model",
+    "clip_pretrained", "max_side", "out", "trajectory", "per_prompt",
+}
+
+
+def flag_message(message: str) -> str:
+    """A library message with each `` `parameter` `` replaced by the flag that sets it."""
+
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        if name in _FLAGS:
+            return _FLAGS[name]
+        return "--" + name.replace("_", "-") if name in _PARAMS else m.group(0)
+
+    return re.sub(r"`([^`]+)`", flag, message)
+
+
+PUBLIC_SETS_HELP = "wen-sd1-memorized, nemo-memorized, nemo-unmemorized, sail-nonmemorized, sd2-memorized, memattn-gpt500"
+THREADS_HELP = ("torch CPU threads; default 1 on a CPU (measured: on a busy 2-core machine a 12-image scan took "
+                "4.6-61 s with torch's default and 2.1 s with one thread), torch's default on a GPU.")
+
+
+def set_threads(threads: Optional[int], device: Optional[str] = None) -> None:
+    """Entry points only: torch's thread count for this process."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise MemlensError(f"--threads must be at least 1, got {threads}")
+    on_gpu = (device or "auto") not in ("cpu",) and (torch.cuda.is_available() or (device or "").startswith("mps"))
+    if threads is None and on_gpu:
+        return
+    # The organism's ops are tiny; with 2+ threads on a shared machine OpenMP spin-waiting made generation 6-16x
+    # slower in our measurements, while one thread degrades gracefully.
+    torch.set_num_threads(threads or 1)
+
+
+# --- scan -----------------------------------------------------------------------------------------------------------
+
+
+@app.command("scan")
+def scan_command(
+    model: Annotated[str, typer.Option("--model", help="Hub id, local diffusers folder, or 'testbed'.")],
+    prompts: Annotated[
+        str, typer.Option("--prompts", help=f"Prompt file (.txt/.jsonl/.csv/.parquet) or one of: {PUBLIC_SETS_HELP}.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder; rerun the same command to resume.")],
+    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 1,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", min=1, help="Denoising steps. Default: the pipeline's recommended, else 50.")
+    ] = None,
+    guidance: Annotated[
+        Optional[float],
+        typer.Option("--guidance", help="Classifier-free guidance scale (> 1). Default: the pipeline's recommended, else 7.5."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed; image k of prompt p uses seed + p*num_images + k.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 4,
+    height: Annotated[Optional[int], typer.Option("--height", min=8, help="Default: the pipeline's native size.")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", min=8, help="Default: the pipeline's native size.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
+) -> None:
+    """Generate for a prompt file and record BE maps and magnitudes per image."""
+    from memlens.scan import run_scan
+
+    set_threads(threads, device)
+    res = run_scan(model, prompts, out, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
+                   batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
+    if res.is_main_process:
+        typer.echo(f"{res.status}: {res.num_records} images in {res.path}")
+
+
+# --- evaluate -------------------------------------------------------------------------------------------------------
+
+
+def _check_out(out: Optional[Path]) -> None:
+    from memlens.rundir import check_output_file
+
+    if out is not None:
+        check_output_file(out)
+
+
+def _emit(result: dict, out: Optional[Path], summary: str) -> None:
+    from memlens.rundir import jsonable, write_json
+
+    if out is None:
+        typer.echo(json.dumps(jsonable(result), indent=2))
+    else:
+        write_json(out, result)
+        typer.echo(f"{summary}; wrote {out}")
+
+
+@evaluate_app.command("detection")
+def detection_command(
+    scan: Annotated[list[Path], typer.Option("--scan", help="Scan directory; repeat for a negative scan.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Result JSON; the ROC plot goes next to it as *.roc.png. Default: print the JSON.")] = None,
+) -> None:
+    """AUC, Wen's ACC, best F1 and TPR@1%FPR (two conventions) for D and LD, T = 1, 10, all, per generation and
+    per prompt."""
+    from memlens.evaluate import detection_results, write_detection
+    from memlens.rundir import check_output_file
+
+    if out is not None:
+        check_output_file(out)
+    result = detection_results(list(scan))
+    best = [r for r in result.report["results"] if r["subset"] == "all" and r["level"] == "generation" and "auc" in r]
+    summary = ", ".join(f"{r['signal']} T={r['T']} AUC {r['auc']:.3f}" for r in best)
+    if out is None:
+        _emit(result.report, None, "")
+        return
+    write_detection(result, out)
+    typer.echo(f"detection: {result.report['n_generations']} generations; {summary}; wrote {out}")
+
+
+@evaluate_app.command("localization")
+def localization_command(
+    scan: Annotated[Path, typer.Option("--scan", help="Scan directory.")],
+    masks: Annotated[Path, typer.Option(
+        "--masks", help="Folder of masks: <stem>.png per generation, or <index>.png / <prompt_index>.png per prompt.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Result JSON (default: print it).")] = None,
+) -> None:
+    """Pixel AUROC, IoU at fixed thresholds (0.5 on min-max maps, Otsu) and the oracle IoU of BE maps vs masks."""
+    from memlens.evaluate import localization_results
+
+    _check_out(out)
+    result = localization_results(scan, masks)
+    summary = (
+        f"localization: {result['n_evaluated']} images ({result['n_missing_masks']} without a mask); "
+        f"IoU@0.5 {result['iou_fixed_0.5_mean']:.3f}, Otsu {result['iou_otsu_mean']:.3f}"
+    )
+    _emit(result, out, summary)
+
+
+@evaluate_app.command("similarity")
+def similarity_command(
+    scan: Annotated[Path, typer.Option("--scan", help="Scan directory.")],
+    references: Annotated[Path, typer.Option("--references", help="Folder of <index>/*.png training images.")],
+    sscd: Annotated[Optional[Path], typer.Option("--sscd", help="SSCD TorchScript file.")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="SSCD preprocessing: 'sscd' (README) or 'wen'.")] = "sscd",
+    clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="open_clip architecture name.")] = None,
+    clip_pretrained: Annotated[
+        Optional[Path], typer.Option("--clip-pretrained", help="Local open_clip weights file.")
+    ] = None,
+    mask_normalize: Annotated[
+        str, typer.Option("--mask-normalize", help="BE mask weights for LS: 'mean' (default), 'minmax' or 'none'.")
+    ] = "mean",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Result JSON (default: print it).")] = None,
+) -> None:
+    """SSCD, S and LS (paper Eqs. 9-10) against reference images, and CLIP score against the prompt."""
+    from memlens.evaluate import similarity_results
+
+    _check_out(out)
+    result = similarity_results(scan, references, sscd, preset, clip_model, clip_pretrained, mask_normalize)
+    s = result["summary"]
+    parts = [f"{k} {s[k + '_mean']:.3f}" for k in ("sscd", "S", "LS", "clip_score") if k + "_mean" in s]
+    summary = (
+        f"similarity: {result['n_with_references']}/{result['n_generations']} generations with references"
+        + (f"; {', '.join(parts)}" if parts else "")
+    )
+    _emit(result, out, summary)
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report_command(
+    scan_dir: Annotated[Path, typer.Argument(help="Scan directory (holds generations.jsonl).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file (default: DIR/report.html).")] = None,
+    references: Annotated[
+        Optional[Path], typer.Option("--references", help="Training images as <index>/*.png, shown per prompt.")
+    ] = None,
+    link: Annotated[
+        bool, typer.Option("--link", help="Refer to images by relative path instead of inlining.")
+    ] = False,
+    max_side: Annotated[int, typer.Option("--max-side", help="Downscale inlined images to this many pixels.")] = 256,
+) -> None:
+    """Write one self-contained HTML page: images, BE overlays, scores, sortable, with ROC curves when labelled."""
+    from memlens.report import write_report
+
+    path = write_report(scan_dir, out, references, inline=not link, max_side=max_side)
+    typer.echo(f"report: wrote {path}")
+
+
+# --- demo -----------------------------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the scan, ground truth, summary.json, report.html.")],
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", help="Organism folder (with ground_truth/); default: the one shipped in memlens.")] = None,
+    per_memorized: Annotated[int, typer.Option("--per-memorized", min=1, help="Images per memorized prompt.")] = 8,
+    per_generic: Annotated[int, typer.Option("--per-generic", min=1, help="Images per generic prompt.")] = 2,
+    n_generic: Annotated[int, typer.Option("--n-generic", min=1, help="Generic prompts (from the organism).")] = 64,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="DDIM steps (default: the organism's recommendation).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Guidance scale (default: the organism's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed, as in `memlens scan`.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 16,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
+) -> None:
+    """Scan the organism's memorized and generic prompts, score them against its ground truth, write summary.json
+    and report.html."""
+    from memlens.testbed.demo import format_summary, run_demo
+
+    set_threads(threads, "cpu")
+    result = run_demo(out, organism=model, per_memorized=per_memorized, per_generic=per_generic, n_generic=n_generic,
+                      steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)
+    typer.echo(format_summary(result.summary, result.path))
 
 
 def _mount() -> None:
-    # Imported here rather than at module top so `memlens --help` stays fast and one broken room does not hide the
-    # others' commands.
+    from memlens.mitigation.cli import mitigate_command
     from memlens.testbed.cli import app as testbed_app
-    from memlens.testbed.demo import demo_command
 
-    app.add_typer(testbed_app, name="testbed", help="The model organism: make its data, train it.")
-    app.command("demo", help="Run the shipped model organism offline and write pictures and summary.json.")(
-        demo_command
-    )
-    try:
-        from memlens.scan import scan_command
+    app.add_typer(evaluate_app, name="evaluate", help="Detection, localization and similarity metrics.")
+    app.command("mitigate", help="Generate with inference-time mitigation and record what changed.")(mitigate_command)
+    app.add_typer(testbed_app, name="testbed", help="The model organism: make its data, train it, analyze it.")
 
-        app.command("scan", help="Generate for a prompt file and record BE maps and magnitudes per image.")(
-            scan_command
-        )
-    except ImportError:
-        pass
-    try:
-        from memlens.evaluate import app as evaluate_app
 
-        app.add_typer(evaluate_app, name="evaluate", help="Detection, localization and similarity metrics.")
-    except ImportError:
-        pass
-    try:
-        from memlens.report import report_command
+_mount()
 
-        app.command("report", help="Write one self-contained HTML page for a scan directory.")(report_command)
-    except ImportError:
-        pass
-    try:
-        from memlens.mitigation.cli import mitigate_command
 
-        app.command("mitigate", help="Generate with inference-time mitigation and record what changed.")(
-            mitigate_command
-        )
-    except ImportError:
-        pass
+def _configure_output() -> None:
+    # Library warnings (e.g. prompts cut to the context) reach the terminal as one "memlens: warning:" line each.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("memlens: warning: %(message)s"))
+    root = logging.getLogger("memlens")
+    if not root.handlers:
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    # transformers warns at import about optional image-processor backends memlens never uses; keep the terminal
+    # for what the user asked about. An explicit TRANSFORMERS_VERBOSITY still wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a `MemlensError` becomes one line on stderr and exit status 2."""
-    # transformers warns at import about optional image-processor backends memlens never uses; keep the terminal
-    # for what the user asked about. An explicit TRANSFORMERS_VERBOSITY still wins.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as transformers_logging
-
-    # Loading a few-MB model needs no progress bar of its own; memlens shows progress for the work itself.
-    transformers_logging.disable_progress_bar()
-    _mount()
+    _configure_output()
     try:
         app(args=argv, standalone_mode=False)
     except MemlensError as err:
-        print(f"memlens: error: {err}", file=sys.stderr)
+        print(f"memlens: error: {flag_message(str(err))}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as ex:  # raised by commands that exit early on purpose
         sys.exit(ex.exit_code)

@@ -1,27 +1,23 @@
-"""`memlens evaluate`: detection, localization and similarity numbers for scan directories.
+"""Detection, localization and similarity numbers for run directories (the library behind `memlens evaluate`).
 
-A scan directory holds `generations.jsonl` (one line per generated image; see `load_generations`) and the files its
-lines point to. Each command reads scans, calls the plain functions in `memlens.metrics`, and writes one JSON file
-(plus a ROC plot for detection) through a temporary file and a rename, so a crash never leaves a complete-looking
-half result. Definitions: docs/metrics.md.
+Records are read through `memlens.rundir.read_generations` (typed `Generation`s naming their file and line), scored
+with the plain functions in `memlens.metrics`, and returned as results; writing goes through `memlens.rundir`'s
+atomic writes, so a crash never leaves a complete-looking half result. Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import numpy as np
-import typer
 
 from memlens.errors import InputError
+from memlens.rundir import Generation, atomic_write_bytes, read_generations, write_json
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+__all__ = ["DetectionResult", "detection_results", "localization_results", "similarity_results",
+           "roc_figure_png", "reference_images", "read_mask", "mask_path", "write_detection"]
 
 T_VALUES: tuple[int | None, ...] = (1, 10, None)  # None = all steps; the paper's Table 1 columns
 SIGNALS = ("D", "LD")
@@ -32,102 +28,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Reading scans
 
 
-def load_generations(scan_dir: Path, required: Iterable[str] = ()) -> list[dict]:
-    """The records of a scan directory, each with `_file`, `_line` (1-based) and `_dir` added.
-
-    Reads `generations.jsonl` and, for a multi-process scan not merged yet, `shards/rank-*.jsonl`, keeping the first
-    record of each (prompt_index, image_index). As the scan writer guarantees, only a LAST line without its newline
-    can be a torn write of a scan in progress; it is skipped. Any other bad line, and a missing or mistyped field
-    in `required`, is an `InputError` naming file and line.
-    """
-    scan_dir = Path(scan_dir)
-    main = scan_dir / "generations.jsonl"
-    shard_dir = scan_dir / "shards"
-    paths = [main, *(sorted(shard_dir.glob("rank-*.jsonl")) if shard_dir.is_dir() else [])]
-    if not any(p.is_file() for p in paths):
-        raise InputError(f"{main}: not found (is {scan_dir} a `memlens scan` output directory?)")
-    records, seen = [], set()
-    for path in paths:
-        for n, rec in _read_jsonl(path):
-            for field in required:
-                _check_field(rec, field, path, n)
-            if "label" in rec and rec["label"] not in (0, 1):
-                raise InputError(f"{path} line {n}: field 'label' must be 0 or 1, got {rec['label']!r}")
-            key = (rec.get("prompt_index"), rec.get("image_index"))
-            if None not in key:
-                if key in seen:
-                    continue
-                seen.add(key)
-            rec.update(_file=path, _line=n, _dir=scan_dir)
-            records.append(rec)
-    if not records:
-        raise InputError(f"{main}: holds no generations")
-    return records
-
-
-def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
-    if not path.is_file():
-        return
+def load_be_map(rec: Generation, field: str = "be_map", key: str | None = None) -> np.ndarray:
+    """A record's BE map; with `key`, the map of that name in the record's `token_maps` file instead."""
+    path = rec.path(field)
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err})") from None
-    lines = data.split(b"\n")
-    for n, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            if n == len(lines):  # no newline after it: a torn write of a scan in progress
-                return
-            why = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
-            raise InputError(f"{path} line {n}: not valid JSON ({why})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{path} line {n}: expected a JSON object, got {type(rec).__name__}")
-        yield n, rec
-
-
-def _check_field(rec: dict, field: str, path: Path, n: int) -> None:
-    if field not in rec:
-        raise InputError(f"{path} line {n}: missing field '{field}'")
-    value = rec[field]
-    if field in ("D", "LD"):
-        ok = (
-            isinstance(value, list)
-            and len(value) > 0
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-        )
-        if not ok:
-            raise InputError(f"{path} line {n}: field '{field}' must be a non-empty list of finite numbers")
-    elif field in ("prompt_index", "image_index"):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InputError(f"{path} line {n}: field '{field}' must be an integer, got {value!r}")
-    elif field in ("image", "be_map", "overlay", "prompt"):
-        if not isinstance(value, str) or not value:
-            raise InputError(f"{path} line {n}: field '{field}' must be a non-empty string")
-
-
-def where(rec: dict) -> str:
-    """'DIR/generations.jsonl line N', for error messages."""
-    return f"{rec['_file']} line {rec['_line']}"
-
-
-def record_key(rec: dict) -> str:
-    """The name of a record's mask file / reference folder: dataset `index` if present, else `prompt_index`."""
-    return str(rec["index"]) if rec.get("index") is not None else str(rec["prompt_index"])
-
-
-def load_be_map(rec: dict) -> np.ndarray:
-    path = rec["_dir"] / rec["be_map"]
-    try:
-        m = np.load(path)
+        if key is None:
+            m = np.load(path)
+        else:
+            with np.load(path) as npz:
+                if key not in npz.files:
+                    raise InputError(f"{path} (from {rec.where()}): no map {key!r}; it has {', '.join(npz.files)}")
+                m = npz[key]
     except (OSError, ValueError) as err:
-        raise InputError(f"{path} (from {where(rec)}): cannot read BE map ({err})") from None
+        raise InputError(f"{path} (from {rec.where()}): cannot read BE map ({err})") from None
     if m.ndim != 2:
-        raise InputError(f"{path} (from {where(rec)}): BE map must be 2-D (h, w), got shape {m.shape}")
+        raise InputError(f"{path} (from {rec.where()}): BE map must be 2-D (h, w), got shape {m.shape}")
     if not np.all(np.isfinite(m)):
-        raise InputError(f"{path} (from {where(rec)}): BE map contains NaN or infinity")
+        raise InputError(f"{path} (from {rec.where()}): BE map contains NaN or infinity")
     return m.astype(np.float32)
 
 
@@ -144,95 +61,46 @@ def image_size(path: Path, context: str = "") -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Writing results
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temp file in the same folder and rename, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates 0600; give the result the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)  # JSON has no NaN; null means "undefined"
-    return x
-
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2) + "\n").encode("utf-8"))
-
-
-def _emit(result: dict, out: Optional[Path], summary: str) -> None:
-    if out is None:
-        typer.echo(json.dumps(_jsonable(result), indent=2))
-    else:
-        write_json(out, result)
-        typer.echo(f"{summary}; wrote {out}")
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Detection
 
 
-def _labels(scans: list[list[dict]]) -> tuple[np.ndarray, str]:
+def _labels(scans: list[list[Generation]]) -> tuple[np.ndarray, str]:
     """Per-record labels: the `label` fields, or (for a scan without them) 1 for the first scan and 0 for the rest."""
     labels, sources = [], set()
     for i, recs in enumerate(scans):
-        have = ["label" in r for r in recs]
+        have = [r.label is not None for r in recs]
         if all(have):
-            labels += [int(r["label"]) for r in recs]
+            labels += [int(r.label) for r in recs]
             sources.add("label field")
         elif not any(have):
             if i == 0 and len(scans) == 1:
                 raise InputError(
-                    f"{recs[0]['_file']}: no 'label' fields; add them, or pass a second --scan "
-                    "of non-memorized prompts (the first --scan then counts as memorized)"
+                    f"{recs[0].source}: no 'label' fields; add them, or pass a second scan "
+                    "of non-memorized prompts (the first scan then counts as memorized)"
                 )
             labels += [1 if i == 0 else 0] * len(recs)
-            sources.add("scan order (first --scan = 1, others = 0)")
+            sources.add("scan order (first scan = 1, others = 0)")
         else:
             bad = recs[have.index(False)]
-            raise InputError(f"{where(bad)}: missing field 'label' (other lines of this scan have one)")
+            raise InputError(f"{bad.where()}: missing field 'label' (other lines of this scan have one)")
     return np.asarray(labels, dtype=np.int64), " + ".join(sorted(sources))
 
 
-def _present_signals(records: list[dict]) -> tuple[list[str], list[str]]:
+def _present_signals(records: list[Generation]) -> tuple[list[str], list[str]]:
     signals, notes = [], []
     for s in SIGNALS:
-        have = [s in r for r in records]
+        have = [r.get(s) is not None for r in records]
         if all(have):
             signals.append(s)
         elif not any(have):
             notes.append(f"signal {s}: absent from every record, skipped")
         else:
             bad = records[have.index(False)]
-            raise InputError(f"{where(bad)}: missing field '{s}' (other lines have it)")
+            raise InputError(f"{bad.where()}: missing field '{s}' (other lines have it)")
     if not signals:
         raise InputError("no record has 'D' or 'LD'; nothing to evaluate")
     for r in records:
-        for s in signals:
-            _check_field(r, s, r["_file"], r["_line"])
+        r.check(*signals)
     return signals, notes
 
 
@@ -240,20 +108,37 @@ def _t_name(T: int | None) -> str:
     return "all" if T is None else str(T)
 
 
-def detection_results(scan_dirs: list[Path]) -> dict:
+@dataclass
+class DetectionResult:
+    """`report`: the JSON document `memlens evaluate detection` writes; `curves[(signal, T, level)] = (fpr, tpr,
+    auc)` for subset "all", for the ROC plot."""
+
+    report: dict
+    curves: dict = field(default_factory=dict)
+
+    def row(self, signal: str, T: str = "all", level: str = "generation", subset: str = "all") -> dict:
+        """One row of `report["results"]`; KeyError when that row was not computed."""
+        for r in self.report["results"]:
+            if (r["signal"], r["T"], r["level"], r["subset"]) == (signal, T, level, subset):
+                return r
+        raise KeyError((signal, T, level, subset))
+
+
+def detection_results(scan_dirs: list[Path]) -> DetectionResult:
     """Every detection row for the given scans (the body of `memlens evaluate detection`)."""
     from memlens.metrics.detection import detection_metrics, first_steps_mean, per_prompt_scores, roc_points
 
+    scan_dirs = [Path(d) for d in scan_dirs]
     if not scan_dirs:
-        raise InputError("give at least one --scan DIR")
-    scans = [load_generations(d, required=("prompt_index",)) for d in scan_dirs]
+        raise InputError("`scan_dirs`: give at least one scan directory")
+    scans = [read_generations(d, required=("prompt_index",)) for d in scan_dirs]
     records = [r for recs in scans for r in recs]
     labels, label_source = _labels(scans)
     signals, notes = _present_signals(records)
     # Prompt identity is per scan: two scans both number their prompts from 0.
-    prompt_ids = [(i, r["prompt_index"]) for i, recs in enumerate(scans) for r in recs]
-    types = [r.get("type") for r in records]
-    n_steps = min(len(r[s]) for r in records for s in signals)
+    prompt_ids = [(i, r.prompt_index) for i, recs in enumerate(scans) for r in recs]
+    types = [r.type for r in records]
+    n_steps = min(len(r.get(s)) for r in records for s in signals)
 
     subsets: list[tuple[str, np.ndarray]] = [("all", np.ones(len(records), dtype=bool))]
     pos_types = sorted({str(t) for t, y in zip(types, labels) if y == 1 and t is not None})
@@ -267,7 +152,7 @@ def detection_results(scan_dirs: list[Path]) -> dict:
             if T is not None and T > n_steps:
                 notes.append(f"T={T} skipped for {signal}: the shortest record has {n_steps} steps")
                 continue
-            scores = first_steps_mean([r[signal] for r in records], T)
+            scores = first_steps_mean([r.get(signal) for r in records], T)
             for level in ("generation", "prompt"):
                 for subset, keep in subsets:
                     row = {"signal": signal, "T": _t_name(T), "level": level, "subset": subset}
@@ -288,8 +173,7 @@ def detection_results(scan_dirs: list[Path]) -> dict:
                         fpr, tpr, _ = roc_points(y, s)
                         curves[(signal, _t_name(T), level)] = (fpr, tpr, row["auc"])
 
-    return {
-        "command": "detection",
+    report = {
         "scans": [str(d) for d in scan_dirs],
         "n_generations": len(records),
         "n_prompts": len(set(prompt_ids)),
@@ -307,8 +191,8 @@ def detection_results(scan_dirs: list[Path]) -> dict:
         },
         "results": rows,
         "notes": sorted(set(notes), key=notes.index),
-        "_curves": curves,
     }
+    return DetectionResult(report, curves)
 
 
 def _type_per_prompt(pids: list, types: list, labels: np.ndarray) -> bool:
@@ -356,23 +240,16 @@ def roc_figure_png(curves: dict, title: str = "") -> bytes:
     return buf.getvalue()
 
 
-@app.command("detection")
-def detection_command(
-    scan: Annotated[list[Path], typer.Option("--scan", help="Scan directory; repeat for a negative scan.")],
-    out: Annotated[Path, typer.Option("--out", help="Result JSON; the ROC plot goes next to it as *.roc.png.")],
-) -> None:
-    """AUC, Wen's ACC, best F1 and TPR@1%FPR (two conventions) for D and LD, T = 1, 10, all, per generation and
-    per prompt."""
-    result = detection_results(list(scan))
-    curves = result.pop("_curves")
-    plot = out.with_name(out.stem + ".roc.png")
-    if curves:
-        atomic_write_bytes(plot, roc_figure_png(curves, "ROC, all generations/prompts"))
-        result["roc_plot"] = plot.name
-    write_json(out, result)
-    best = [r for r in result["results"] if r["subset"] == "all" and r["level"] == "generation" and "auc" in r]
-    summary = ", ".join(f"{r['signal']} T={r['T']} AUC {r['auc']:.3f}" for r in best)
-    typer.echo(f"detection: {result['n_generations']} generations; {summary}; wrote {out}")
+def write_detection(result: DetectionResult, out: Path) -> Path:
+    """Write the detection JSON to `out` and, when there are curves, the ROC plot next to it as `*.roc.png`."""
+    out = Path(out)
+    report = dict(result.report)
+    if result.curves:
+        plot = out.with_name(out.stem + ".roc.png")
+        atomic_write_bytes(plot, roc_figure_png(result.curves, "ROC, all generations/prompts"))
+        report["roc_plot"] = plot.name
+    write_json(out, report)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -390,35 +267,45 @@ def read_mask(path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read mask ({err})") from None
 
 
-def localization_results(scan_dir: Path, masks_dir: Path) -> dict:
-    """The body of `memlens evaluate localization`."""
+def mask_path(masks_dir: Path, rec: Generation) -> Path:
+    """A record's mask: `<stem>.png` (one generation, e.g. `00003_05.png`) when present, else `<index>.png` (or
+    `<prompt_index>.png` for a record without `index`), shared by every generation of the prompt."""
+    own = Path(masks_dir) / f"{rec.stem}.png"
+    return own if own.is_file() else Path(masks_dir) / f"{rec.name}.png"
+
+
+def localization_results(scan_dir: Path, masks_dir: Path, token: Optional[str] = None) -> dict:
+    """The body of `memlens evaluate localization`. `token` reads, instead of the BE map, the map of that name in
+    each record's `token_maps` file (the demo's per-token comparison)."""
     from memlens.metrics import localization as L
 
     masks_dir = Path(masks_dir)
     if not masks_dir.is_dir():
         raise InputError(f"{masks_dir}: masks directory not found")
-    records = load_generations(scan_dir, required=("prompt_index", "image", "be_map"))
+    map_field = "be_map" if token is None else "token_maps"
+    records = read_generations(scan_dir, required=("prompt_index", "image"))
     maps, masks, rows, missing = [], [], [], []
     for rec in records:
-        mask_path = masks_dir / f"{record_key(rec)}.png"
-        if not mask_path.is_file():
-            missing.append(mask_path.name)
+        path = mask_path(masks_dir, rec)
+        if not path.is_file():
+            missing.append(path.name)
             continue
-        image_path = rec["_dir"] / rec["image"]
-        h, w = image_size(image_path, f" (from {where(rec)})")
-        mask = read_mask(mask_path)
+        rec.check(map_field)
+        image_path = rec.path("image")
+        h, w = image_size(image_path, f" (from {rec.where()})")
+        mask = read_mask(path)
         if mask.shape != (h, w):
             raise InputError(
-                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but image {image_path} is {w}x{h}"
+                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but image {image_path} is {w}x{h}"
             )
-        m = L.upsample_map(load_be_map(rec), (h, w))
+        m = L.upsample_map(load_be_map(rec, map_field, token), (h, w))
         maps.append(m)
         masks.append(mask)
         rows.append(
             {
-                "prompt_index": rec["prompt_index"],
-                "image_index": rec.get("image_index"),
-                "mask": mask_path.name,
+                "prompt_index": rec.prompt_index,
+                "image_index": rec.image_index,
+                "mask": path.name,
                 "mask_fraction": float(mask.mean()),
                 "pixel_auroc": float(_safe_auroc(m, mask)),
                 "iou_fixed_0.5": L.iou(L.binarize_fixed(m), mask),
@@ -428,19 +315,21 @@ def localization_results(scan_dir: Path, masks_dir: Path) -> dict:
     if not maps:
         raise InputError(
             f"{masks_dir}: no mask found for any of {len(records)} records (expected <index>.png, or "
-            f"<prompt_index>.png for records without 'index'; e.g. {missing[0]})"
+            f"<prompt_index>.png for records without 'index', or one per generation as <stem>.png; e.g. {missing[0]})"
         )
     try:
         pooled_raw = L.pixel_auroc(maps, masks)
-        pooled_mm = L.pixel_auroc([L.minmax_normalize(m) for m in maps], masks)
     except ValueError:
-        pooled_raw = pooled_mm = float("nan")
+        pooled_raw = float("nan")
+    # The demo's localization numbers are this summary's, by construction.
+    summary = L.localization_summary(maps, masks)
+    pooled_mm = float("nan") if summary["pixel_auroc"] is None else summary["pixel_auroc"]
     per_image, n_used = L.pixel_auroc_per_image(maps, masks)
     oracle, oracle_thr = L.oracle_iou(maps, masks)
     return {
-        "command": "localization",
         "scan": str(scan_dir),
         "masks": str(masks_dir),
+        "map": "be_map" if token is None else f"token_maps[{token}]",
         "n_evaluated": len(maps),
         "n_missing_masks": len(missing),
         "missing_masks": sorted(set(missing))[:50],
@@ -450,13 +339,14 @@ def localization_results(scan_dir: Path, masks_dir: Path) -> dict:
         "pixel_auroc_mean_per_image": per_image,
         "pixel_auroc_images_used": n_used,
         "iou_fixed_0.5_mean": float(np.mean([r["iou_fixed_0.5"] for r in rows])),
-        "iou_otsu_mean": float(np.mean([r["iou_otsu"] for r in rows])),
+        "iou_otsu_mean": summary["iou"],
         "oracle_iou_mean": oracle,
         "oracle_threshold": oracle_thr,
         "conventions": {
             "mask": "grayscale >= 128 is memorized",
             "iou_fixed_0.5": "map min-max normalised per image, then > 0.5",
             "iou_otsu": "map > skimage.filters.threshold_otsu(map)",
+            "pixel_auroc_pooled_minmax": "all pixels of all images together, each map min-max normalised first",
             "oracle_iou": "ORACLE: one threshold on min-max maps chosen on these masks to maximise mean IoU",
             "iou_empty": "IoU of an empty prediction against an empty mask is 1",
             "pixel_auroc_pooled": "all pixels of all images together, maps as given (raw attention)",
@@ -474,28 +364,13 @@ def _safe_auroc(m: np.ndarray, mask: np.ndarray) -> float:
     return float(roc_auc_score(mask.ravel(), m.ravel()))
 
 
-@app.command("localization")
-def localization_command(
-    scan: Annotated[Path, typer.Option("--scan", help="Scan directory.")],
-    masks: Annotated[Path, typer.Option("--masks", help="Folder of <index>.png (or <prompt_index>.png) masks.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Result JSON (default: print it).")] = None,
-) -> None:
-    """Pixel AUROC, IoU at fixed thresholds (0.5 on min-max maps, Otsu) and the oracle IoU of BE maps vs masks."""
-    result = localization_results(scan, masks)
-    summary = (
-        f"localization: {result['n_evaluated']} images ({result['n_missing_masks']} without a mask); "
-        f"IoU@0.5 {result['iou_fixed_0.5_mean']:.3f}, Otsu {result['iou_otsu_mean']:.3f}"
-    )
-    _emit(result, out, summary)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Similarity
 
 
 def reference_images(references_dir: Path, rec: dict) -> list[Path]:
     """Wen's layout: every image file in `references_dir/<index>/` (sorted); empty when the folder is missing."""
-    folder = Path(references_dir) / record_key(rec)
+    folder = Path(references_dir) / rec.name
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -517,24 +392,24 @@ def similarity_results(
     if not references_dir.is_dir():
         raise InputError(f"{references_dir}: references directory not found")
     if preset not in S.SSCD_PRESETS:
-        raise InputError(f"--preset must be one of {sorted(S.SSCD_PRESETS)}, got {preset!r}")
+        raise InputError(f"`preset` must be one of {sorted(S.SSCD_PRESETS)}, got {preset!r}")
     if mask_normalize not in ("mean", "minmax", "none"):
-        raise InputError(f"--mask-normalize must be 'mean', 'minmax' or 'none', got {mask_normalize!r}")
+        raise InputError(f"`mask_normalize` must be 'mean', 'minmax' or 'none', got {mask_normalize!r}")
     if (clip_model is None) != (clip_pretrained is None):
-        raise InputError("--clip-model and --clip-pretrained go together")
-    records = load_generations(scan_dir, required=("prompt_index", "image", "be_map", "prompt"))
+        raise InputError("`clip_model` and `clip_pretrained` go together")
+    records = read_generations(scan_dir, required=("prompt_index", "image", "be_map", "prompt"))
     sscd_model = S.load_sscd(sscd) if sscd is not None else None
     clip = S.load_clip(clip_model, clip_pretrained) if clip_model is not None else None
 
     rows, missing = [], []
     for rec in records:
-        gen = S.load_image(rec["_dir"] / rec["image"])
-        row = {"prompt_index": rec["prompt_index"], "image_index": rec.get("image_index"), "label": rec.get("label")}
+        gen = S.load_image(rec.path("image"))
+        row = {"prompt_index": rec.prompt_index, "image_index": rec.image_index, "label": rec.label}
         if clip is not None:
-            row["clip_score"] = float(S.clip_scores(*clip, [gen], [rec["prompt"]])[0])
+            row["clip_score"] = float(S.clip_scores(*clip, [gen], [rec.prompt])[0])
         refs = reference_images(references_dir, rec)
         if not refs:
-            missing.append(record_key(rec))
+            missing.append(rec.name)
             rows.append(row)
             continue
         ref_images = [S.load_image(p) for p in refs]
@@ -552,7 +427,6 @@ def similarity_results(
         rows.append(row)
 
     result = {
-        "command": "similarity",
         "scan": str(scan_dir),
         "references": str(references_dir),
         "n_generations": len(records),
@@ -598,29 +472,3 @@ def _similarity_summary(rows: list[dict]) -> dict:
             y, pred = zip(*pairs)
             summary[f"{key}_f1_fixed"] = float(f1_score(list(y), list(pred)))
     return summary
-
-
-@app.command("similarity")
-def similarity_command(
-    scan: Annotated[Path, typer.Option("--scan", help="Scan directory.")],
-    references: Annotated[Path, typer.Option("--references", help="Folder of <index>/*.png training images.")],
-    sscd: Annotated[Optional[Path], typer.Option("--sscd", help="SSCD TorchScript file.")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="SSCD preprocessing: 'sscd' (README) or 'wen'.")] = "sscd",
-    clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="open_clip architecture name.")] = None,
-    clip_pretrained: Annotated[
-        Optional[Path], typer.Option("--clip-pretrained", help="Local open_clip weights file.")
-    ] = None,
-    mask_normalize: Annotated[
-        str, typer.Option("--mask-normalize", help="BE mask weights for LS: 'mean' (default), 'minmax' or 'none'.")
-    ] = "mean",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Result JSON (default: print it).")] = None,
-) -> None:
-    """SSCD, S and LS (paper Eqs. 9-10) against reference images, and CLIP score against the prompt."""
-    result = similarity_results(scan, references, sscd, preset, clip_model, clip_pretrained, mask_normalize)
-    s = result["summary"]
-    parts = [f"{k} {s[k + '_mean']:.3f}" for k in ("sscd", "S", "LS", "clip_score") if k + "_mean" in s]
-    summary = (
-        f"similarity: {result['n_with_references']}/{result['n_generations']} generations with references"
-        + (f"; {', '.join(parts)}" if parts else "")
-    )
-    _emit(result, out, summary)

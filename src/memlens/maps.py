@@ -2,21 +2,20 @@
 
 Maps are numpy float32 arrays of shape (h, w). Resizing uses torch's bilinear interpolation with
 align_corners=False, the same operation the probe uses to bring a map to latent resolution, so a map shown over an
-image and a map used as a mask agree.
+image and a map used as a mask agree. torch is imported only when a map is resized, so the metrics and readers that
+import this module stay light.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["upsample", "normalize", "threshold_otsu", "heatmap", "overlay", "save_png", "save_npy"]
+from memlens.rundir import atomic_write
+
+__all__ = ["upsample", "normalize", "scale", "threshold_otsu", "heatmap", "overlay", "save_png", "save_npy"]
 
 
 def upsample(be_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -31,6 +30,9 @@ def upsample(be_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     size = tuple(int(s) for s in size)
     if arr.shape == size:
         return arr.copy()
+    import torch
+    import torch.nn.functional as F
+
     shrink = size[0] < arr.shape[0] or size[1] < arr.shape[1]
     out = F.interpolate(
         torch.from_numpy(arr)[None, None], size=size, mode="bilinear", align_corners=False, antialias=shrink
@@ -51,53 +53,51 @@ def threshold_otsu(be_map: np.ndarray) -> float:
     """Otsu's threshold of the map's values (the rule fixed in advance for IoU in memlens)."""
     from skimage.filters import threshold_otsu as _otsu
 
-    arr = np.asarray(be_map, dtype=np.float32)
-    if float(arr.max()) == float(arr.min()):
-        return float(arr.max())
+    # float64: a nearly flat map (attention equal to float32's last bits) has a range too small for 256 float32
+    # histogram bins, which skimage refuses; such a map is treated as constant only if float64 cannot split it.
+    arr = np.asarray(be_map, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi - lo <= 1e-12 * max(abs(hi), abs(lo)):
+        return hi
     return float(_otsu(arr))
 
 
-def heatmap(be_map: np.ndarray, size: tuple[int, int] | None = None, cmap: str = "jet") -> Image.Image:
-    """The normalised map as an RGB picture, optionally resized to size=(H, W)."""
+def scale(be_map: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    """The map in [0, 1] for colouring: min-max per map when `vmax` is None, else `map / vmax` clipped, one scale
+    shared by every map drawn with that `vmax` (so a map with little end-token attention looks dark)."""
+    arr = np.asarray(be_map, dtype=np.float32)
+    if vmax is None:
+        return normalize(arr)
+    return np.clip(arr / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(arr)
+
+
+def heatmap(be_map: np.ndarray, size: tuple[int, int] | None = None, cmap: str = "jet",
+            vmax: float | None = None) -> Image.Image:
+    """The map as an RGB picture (scaled as in `scale`), optionally resized to size=(H, W)."""
     import matplotlib
 
     arr = np.asarray(be_map, dtype=np.float32)
     if size is not None and tuple(size) != arr.shape:
         arr = upsample(arr, size)
-    rgba = matplotlib.colormaps[cmap](normalize(arr))
+    rgba = matplotlib.colormaps[cmap](scale(arr, vmax))
     return Image.fromarray((rgba[..., :3] * 255).round().astype(np.uint8))
 
 
-def overlay(image: Image.Image, be_map: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
-    """The map, upsampled to the image's size and normalised, blended over the image."""
+def overlay(image: Image.Image, be_map: np.ndarray, alpha: float = 0.5, cmap: str = "jet",
+            vmax: float | None = None) -> Image.Image:
+    """The map, upsampled to the image's size and scaled (per map, or to a shared `vmax`), blended over the image."""
     base = image.convert("RGB")
-    heat = heatmap(be_map, (base.height, base.width), cmap)
+    heat = heatmap(be_map, (base.height, base.width), cmap, vmax)
     return Image.blend(base, heat, alpha)
-
-
-def _atomic_write(path: Path, write) -> Path:
-    # Write next to the target and rename, so a crash never leaves a truncated file under the final name.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
     """Save a PIL image, or a map as its heatmap, as PNG atomically."""
     if not isinstance(image, Image.Image):
         image = heatmap(image)
-    return _atomic_write(Path(path), lambda fh: image.save(fh, format="PNG"))
+    return atomic_write(Path(path), lambda fh: image.save(fh, format="PNG"))
 
 
 def save_npy(array: np.ndarray, path: str | Path) -> Path:
     """Save an array as .npy atomically."""
-    return _atomic_write(Path(path), lambda fh: np.save(fh, np.asarray(array)))
+    return atomic_write(Path(path), lambda fh: np.save(fh, np.asarray(array)))

@@ -7,7 +7,11 @@ into one-line `InputError`s, and switches off what a measurement run must not ha
 from __future__ import annotations
 
 import json
+import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any
 
 from memlens.errors import InputError
@@ -22,7 +26,7 @@ def resolve_dtype(dtype: str):
     import torch
 
     if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r} is not supported; expected one of {list(DTYPES)}")
+        raise InputError(f"`dtype` {dtype!r} is not supported; expected one of {list(DTYPES)}")
     return getattr(torch, dtype)
 
 
@@ -32,11 +36,11 @@ def _resolve_device(device: str):
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise InputError(f"--device {device!r} is not a torch device (try 'cpu' or 'cuda')") from None
+        raise InputError(f"`device` {device!r} is not a torch device (try 'cpu' or 'cuda')") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device!r}: CUDA is not available on this machine")
+        raise InputError(f"`device` {device!r}: CUDA is not available on this machine")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {device!r}: MPS is not available on this machine")
+        raise InputError(f"`device` {device!r}: MPS is not available on this machine")
     return dev
 
 
@@ -59,48 +63,59 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu"):
     """Load MODEL on `device` in `dtype`, safety checker off and progress bars quiet."""
     torch_dtype = resolve_dtype(dtype)
     dev = _resolve_device(device)
-    _quiet_libraries()
-    if model == TESTBED:
-        pipe = _load_testbed()
-    else:
-        path = Path(model).expanduser()
-        if path.exists():
-            pipe = _load_local(path, torch_dtype)
-        elif _looks_like_path(model):
-            raise InputError(f"--model {model}: no such folder")
+    with _quiet_libraries():
+        if model == TESTBED:
+            pipe = _load_testbed()
         else:
-            pipe = _load_hub(model, torch_dtype)
-    pipe = pipe.to(dev, torch_dtype)
+            path = Path(model).expanduser()
+            if path.exists():
+                pipe = _load_local(path, torch_dtype)
+            elif _looks_like_path(model):
+                raise InputError(f"`model` {model}: no such folder")
+            else:
+                pipe = _load_hub(model, torch_dtype)
+        pipe = pipe.to(dev, torch_dtype)  # diffusers logs a dtype notice here too
     _disable_safety_checker(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _quiet_libraries() -> None:
+@contextmanager
+def _quiet_libraries():
+    """While loading: no "Loading pipeline components" bars or per-component info lines (they would interleave with
+    the scan's own bar). The libraries' settings are restored afterwards: a library does not change process-wide
+    logging."""
     from diffusers.utils import logging as dlog
 
-    # The "Loading pipeline components" bar and per-component info lines would interleave with the scan's own bar.
-    dlog.disable_progress_bar()
-    dlog.set_verbosity_error()
+    saved = [(dlog, dlog.get_verbosity(), dlog.is_progress_bar_enabled())]
     try:
         from transformers.utils import logging as tlog
 
-        tlog.disable_progress_bar()  # its "Loading weights" bar, once per text encoder
+        saved.append((tlog, tlog.get_verbosity(), tlog.is_progress_bar_enabled()))
     except ImportError:
         pass
+    try:
+        for lib, _, _ in saved:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+        yield
+    finally:
+        for lib, level, bars in saved:
+            lib.set_verbosity(level)
+            (lib.enable_progress_bar if bars else lib.disable_progress_bar)()
 
 
 def _load_testbed():
     try:
         import memlens.testbed as testbed
     except ImportError as err:
-        raise InputError(f"--model testbed: the model organism is not available in this install ({err})") from None
+        raise InputError(f"`model` testbed: the model organism is not available in this install ({err})") from None
     loader = getattr(testbed, "load_pipeline", None)
     if loader is None:  # the package may not re-export its loader yet
         try:
             from memlens.testbed.pipeline import load_pipeline as loader
         except ImportError as err:
-            raise InputError(f"--model testbed: the model organism is not available in this install ({err})") from None
+            raise InputError(f"`model` testbed: the model organism is not available in this install ({err})") from None
     return loader()
 
 
@@ -121,11 +136,11 @@ def _no_safety_kwargs(components: dict) -> dict:
 
 def _load_local(path: Path, torch_dtype):
     if not path.is_dir():
-        raise InputError(f"--model {path}: is a file; expected a diffusers pipeline folder with model_index.json")
+        raise InputError(f"`model` {path}: is a file; expected a diffusers pipeline folder with model_index.json")
     index = path / "model_index.json"
     if not index.is_file():
         raise InputError(
-            f"--model {path}: not a diffusers pipeline folder (no model_index.json); "
+            f"`model` {path}: not a diffusers pipeline folder (no model_index.json); "
             "save one with pipe.save_pretrained(folder)"
         )
     try:
@@ -139,7 +154,7 @@ def _load_local(path: Path, torch_dtype):
             str(path), **_dtype_kwarg(torch_dtype), **_no_safety_kwargs(components)
         )
     except (OSError, ValueError, KeyError, ImportError) as err:
-        raise InputError(f"--model {path}: could not load the pipeline ({_first_line(err)})") from None
+        raise InputError(f"`model` {path}: could not load the pipeline ({_first_line(err)})") from None
 
 
 def _load_hub(model: str, torch_dtype):
@@ -161,7 +176,13 @@ def _load_hub(model: str, torch_dtype):
             pass  # partly cached: let the hub fill the gaps below
     if hub.HF_HUB_OFFLINE:
         raise InputError(
-            f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"`model` {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "pass a local diffusers folder instead"
+        )
+    if not hub_reachable(hub.ENDPOINT):
+        # Without this check the hub client spends 25-40 s on retries and prints a dozen lines before failing.
+        raise InputError(
+            f"`model` {model}: not in the local Hugging Face cache and {hub.ENDPOINT} cannot be reached; "
             "pass a local diffusers folder instead"
         )
     try:
@@ -170,10 +191,23 @@ def _load_hub(model: str, torch_dtype):
     except Exception as err:  # huggingface_hub's offline/not-found/gated errors share no useful base class
         if _is_connection_error(err):
             raise InputError(
-                f"--model {model}: cannot reach the Hugging Face hub and the model is not in the local cache; "
+                f"`model` {model}: cannot reach the Hugging Face hub and the model is not in the local cache; "
                 "pass a local diffusers folder instead"
             ) from None
-        raise InputError(f"--model {model}: could not load from the Hugging Face hub ({_first_line(err)})") from None
+        raise InputError(f"`model` {model}: could not load from the Hugging Face hub ({_first_line(err)})") from None
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host opens within `timeout` seconds (a proxy counts as reachable)."""
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # the proxy decides; let the client try
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _is_connection_error(err: BaseException) -> bool:

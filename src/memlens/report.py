@@ -14,19 +14,14 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
 
 import numpy as np
-import typer
 
 from memlens.errors import InputError
-from memlens.evaluate import (
-    atomic_write_bytes,
-    detection_results,
-    load_generations,
-    reference_images,
-    roc_figure_png,
-)
+from memlens.evaluate import detection_results, reference_images, roc_figure_png
+from memlens.rundir import Generation, atomic_write_bytes, check_output_file, read_generations
+
+__all__ = ["write_report"]
 
 MAX_REFERENCES_SHOWN = 3
 
@@ -34,12 +29,13 @@ MAX_REFERENCES_SHOWN = 3
 class _Images:
     """Turns image paths into `src` attributes, counting files that are missing or unreadable."""
 
-    def __init__(self, out_dir: Path, inline: bool, max_side: int):
-        self.out_dir, self.inline, self.max_side = out_dir, inline, max_side
+    def __init__(self, out_dir: Path, inline: bool, max_side: int, vmax: float | None = None):
+        self.out_dir, self.inline, self.max_side, self.vmax = out_dir, inline, max_side, vmax
         self.problems: list[str] = []
 
-    def tag(self, path: Path, alt: str) -> str:
-        found = self._src(path)
+    def tag(self, path: Path, alt: str, be_map: Path | None = None) -> str:
+        """An <img> for `path`; with `be_map` (inline mode), that map drawn over the image on the page's scale."""
+        found = self._src(path, be_map)
         if found is None:
             name = html.escape(path.name)
             return f'<div class="missing" title="{html.escape(str(path))}">missing<br>{name}</div>'
@@ -48,17 +44,22 @@ class _Images:
         cls = ' class="px"' if side < 150 else ""
         return f'<img src="{src}"{cls} alt="{html.escape(alt)}" loading="lazy">'
 
-    def _src(self, path: Path) -> tuple[str, int] | None:
+    def _src(self, path: Path, be_map: Path | None = None) -> tuple[str, int] | None:
         from PIL import Image
 
-        if not path.is_file():
-            self.problems.append(f"missing: {path}")
-            return None
+        for needed in (path, be_map):
+            if needed is not None and not needed.is_file():
+                self.problems.append(f"missing: {needed}")
+                return None
         try:
             with Image.open(path) as im:
                 if not self.inline:
                     return html.escape(Path(os.path.relpath(path, self.out_dir)).as_posix()), max(im.size)
                 im = im.convert("RGB")
+                if be_map is not None:
+                    from memlens.maps import overlay
+
+                    im = overlay(im, np.load(be_map), vmax=self.vmax)
                 if max(im.size) > self.max_side:
                     im.thumbnail((self.max_side, self.max_side), Image.LANCZOS)
                 buf = io.BytesIO()
@@ -81,10 +82,10 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
-def _prompt_groups(records: list[dict]) -> dict[int, list[dict]]:
-    groups: dict[int, list[dict]] = {}
+def _prompt_groups(records: list[Generation]) -> dict[int, list[Generation]]:
+    groups: dict[int, list[Generation]] = {}
     for r in records:
-        groups.setdefault(r["prompt_index"], []).append(r)
+        groups.setdefault(r.prompt_index, []).append(r)
     return groups
 
 
@@ -93,11 +94,11 @@ def _roc_section(scan_dir: Path) -> str:
         result = detection_results([scan_dir])
     except InputError as err:
         return f'<p class="note">No ROC curves: {html.escape(str(err))}</p>'
-    curves = {k: v for k, v in result["_curves"].items() if k[2] == "generation"}
+    curves = {k: v for k, v in result.curves.items() if k[2] == "generation"}
     if not curves:
         return '<p class="note">No ROC curves: the labels hold only one class.</p>'
     png = base64.b64encode(roc_figure_png(curves, "ROC per generation")).decode("ascii")
-    rows = [r for r in result["results"] if "auc" in r and r["level"] == "generation"]
+    rows = [r for r in result.report["results"] if "auc" in r and r["level"] == "generation"]
     head = "<tr><th>signal</th><th>T</th><th>subset</th><th>AUC</th><th>ACC (Wen)</th><th>best F1</th>"
     head += "<th>TPR@1%FPR (Wen)</th><th>TPR@~1%FPR (nearest)</th></tr>"
 
@@ -123,32 +124,34 @@ def _roc_section(scan_dir: Path) -> str:
     )
 
 
-def _card(prompt_index: int, recs: list[dict], images: _Images, references: Path | None) -> str:
-    d = [m for m in (_mean(r.get("D")) for r in recs) if m is not None]
-    ld = [m for m in (_mean(r.get("LD")) for r in recs) if m is not None]
+def _card(prompt_index: int, recs: list[Generation], images: _Images, references: Path | None) -> str:
+    d = [m for m in (_mean(r.D) for r in recs) if m is not None]
+    ld = [m for m in (_mean(r.LD) for r in recs) if m is not None]
     d_mean = float(np.mean(d)) if d else None
     ld_mean = float(np.mean(ld)) if ld else None
     first = recs[0]
     badges = []
-    labels = {r.get("label") for r in recs} - {None}
+    labels = {r.label for r in recs} - {None}
     if labels:
         text = "memorized" if labels == {1} else "not memorized" if labels == {0} else "mixed labels"
         badges.append(f'<span class="badge {"mem" if 1 in labels else "non"}">{text}</span>')
-    for t in sorted({str(r["type"]) for r in recs if r.get("type") is not None}):
+    for t in sorted({str(r.type) for r in recs if r.type is not None}):
         badges.append(f'<span class="badge type">{html.escape(t)}</span>')
-    if first.get("index") is not None:
-        badges.append(f'<span class="badge">index {html.escape(str(first["index"]))}</span>')
+    if first.index is not None:
+        badges.append(f'<span class="badge">index {html.escape(str(first.index))}</span>')
 
     tiles = []
     for r in recs:
-        base = r["_dir"]
-        cap = f"image {r.get('image_index', '?')} · seed {r.get('seed', '?')}<br>"
-        cap += f"D {_fmt(_mean(r.get('D')))} · LD {_fmt(_mean(r.get('LD')))}"
-        if r.get("label") is not None:
-            cap += f" · label {r['label']}"
-        pics = images.tag(base / r["image"], "generation") if r.get("image") else ""
-        pics += images.tag(base / r["overlay"], "BE overlay") if r.get("overlay") else ""
-        cap = "generation" + (" | BE overlay" if r.get("overlay") else "") + "<br>" + cap
+        cap = f"image {r.image_index} · seed {r.get('seed', '?')}<br>"
+        cap += f"D {_fmt(_mean(r.D))} · LD {_fmt(_mean(r.LD))}"
+        if r.label is not None:
+            cap += f" · label {r.label}"
+        pics = images.tag(r.path("image"), "generation") if r.image else ""
+        if images.inline and r.image and r.be_map:
+            pics += images.tag(r.path("image"), "BE overlay", be_map=r.path("be_map"))
+        elif r.overlay:
+            pics += images.tag(r.path("overlay"), "BE overlay")
+        cap = "generation" + (" | BE overlay" if (r.overlay or r.be_map) else "") + "<br>" + cap
         tiles.append(f'<figure class="gen">{pics}<figcaption>{cap}</figcaption></figure>')
     if references is not None:
         refs = reference_images(references, first)
@@ -219,6 +222,29 @@ function sortCards(key, button){
 """
 
 
+def _page_vmax(records: list[Generation]) -> float | None:
+    """The largest BE value among the page's maps: the top of its one colour scale."""
+    top = None
+    for r in records:
+        if r.be_map and r.path("be_map").is_file():
+            try:
+                m = float(np.max(np.load(r.path("be_map"))))
+            except (OSError, ValueError):
+                continue  # counted as unreadable when its overlay is drawn
+            if np.isfinite(m):
+                top = m if top is None else max(top, m)
+    return top
+
+
+def _scale_note(vmax: float | None, inline: bool) -> str:
+    if not inline:
+        return "BE overlays: the scan's overlay files, each scaled to its own map's range (jet: blue low, red high)."
+    if vmax is None:
+        return "No BE maps to draw."
+    return (f"BE overlays share one colour scale on this page (jet): blue = 0, red = {vmax:.4g}, the largest "
+            "end-token attention among these maps; a map with little attention looks dark.")
+
+
 def write_report(
     scan_dir: Path,
     out_path: Path | None = None,
@@ -229,13 +255,15 @@ def write_report(
     """Write the HTML page for `scan_dir` (default `scan_dir/report.html`) and return its path."""
     scan_dir = Path(scan_dir)
     out_path = Path(out_path) if out_path is not None else scan_dir / "report.html"
+    check_output_file(out_path, "out_path")
     if references is not None and not Path(references).is_dir():
         raise InputError(f"{references}: references directory not found")
     if max_side < 16:
-        raise InputError(f"--max-side must be at least 16 pixels, got {max_side}")
-    records = load_generations(scan_dir, required=("prompt_index",))
+        raise InputError(f"`max_side` must be at least 16 pixels, got {max_side}")
+    records = read_generations(scan_dir)
     groups = _prompt_groups(records)
-    images = _Images(out_path.parent.resolve(), inline, max_side)
+    vmax = _page_vmax(records) if inline else None
+    images = _Images(out_path.parent.resolve(), inline, max_side, vmax)
     cards = "".join(_card(p, recs, images, references) for p, recs in groups.items())
 
     run_json = scan_dir / "run.json"
@@ -261,6 +289,7 @@ def write_report(
 <p>{len(groups)} prompts, {len(records)} generations, {n_lab} labelled.
 D = Wen's magnitude ‖ε<sub>c</sub>−ε<sub>u</sub>‖₂ and LD = the BE-masked magnitude,
 each averaged over all steps.</p>
+<p class="note" id="colour-scale">{_scale_note(vmax, inline)}</p>
 {problems}
 {"<details><summary>run.json</summary><pre>" + html.escape(settings) + "</pre></details>" if settings else ""}
 <h2>Detection</h2>
@@ -275,19 +304,3 @@ each averaged over all steps.</p>
 """
     atomic_write_bytes(out_path, page.encode("utf-8"))
     return out_path
-
-
-def report_command(
-    scan_dir: Annotated[Path, typer.Argument(help="Scan directory (holds generations.jsonl).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file (default: DIR/report.html).")] = None,
-    references: Annotated[
-        Optional[Path], typer.Option("--references", help="Training images as <index>/*.png, shown per prompt.")
-    ] = None,
-    link: Annotated[
-        bool, typer.Option("--link", help="Refer to images by relative path instead of inlining.")
-    ] = False,
-    max_side: Annotated[int, typer.Option("--max-side", help="Downscale inlined images to this many pixels.")] = 256,
-) -> None:
-    """Write one self-contained HTML page: images, BE overlays, scores, sortable, with ROC curves when labelled."""
-    path = write_report(scan_dir, out, references, inline=not link, max_side=max_side)
-    typer.echo(f"report: wrote {path}")

@@ -3,11 +3,14 @@
 Work is a flat list of images (prompt_index, image_index), each with its own seed, so what an image looks like
 depends on neither the batch size nor which process made it. Batches are slices of that list; several processes
 (under `accelerate launch`) take batches in turn, each appending to its own log, and the main process merges the
-logs at the end. Durability rules live in `memlens.scanstore`.
+logs at the end. The folder's layout, records and durability rules live in `memlens.rundir`.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -15,33 +18,32 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import typer
 
-from memlens import scanstore
+from memlens import rundir
 from memlens.errors import InputError
 from memlens.prompts import PUBLIC_SETS, PromptRecord, load_prompts, load_public_set
+from memlens.rundir import FORMAT, IMAGES, MAPS, OVERLAYS, TOKEN_MAPS, Generation
 
-__all__ = ["run_scan", "scan_command", "image_seed", "ScanItem"]
+__all__ = ["run_scan", "image_seed", "ScanItem", "ScanResult"]
 
-IMAGES, MAPS, OVERLAYS = "images", "be_maps", "overlays"
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5  # Stable Diffusion's usual settings, for pipelines that recommend none
-FORMAT = 1  # bump when generations.jsonl or run.json change shape
+log = logging.getLogger("memlens.scan")
 
-# run.json setting -> the option a person would change; only settings that change what is generated are compared.
+# run.json setting -> the parameter a person would change; only settings that change what is generated are compared.
 _OPTION = {
-    "model": "--model",
-    "prompts_sha256": "--prompts",
-    "num_images": "--num-images",
-    "steps": "--steps",
-    "guidance": "--guidance",
-    "seed": "--seed",
-    "height": "--height",
-    "width": "--width",
-    "dtype": "--dtype",
-    "probe": "probe options",
+    "model": "`model`",
+    "prompts_sha256": "`prompts`",
+    "num_images": "`num_images`",
+    "steps": "`steps`",
+    "guidance": "`guidance`",
+    "seed": "`seed`",
+    "height": "`height`",
+    "width": "`width`",
+    "dtype": "`dtype`",
+    "probe": "`probe_options`",
 }
 
 
@@ -57,7 +59,7 @@ class ScanItem:
 
     @property
     def stem(self) -> str:
-        return f"{self.prompt_index:05d}_{self.image_index:02d}"
+        return rundir.stem(self.prompt_index, self.image_index)
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int, num_images: int) -> int:
@@ -93,13 +95,42 @@ def prompts_digest(records: Sequence[PromptRecord]) -> str:
 def _check_guidance(guidance: Optional[float]) -> None:
     if guidance is not None and guidance <= 1:
         # At guidance <= 1 diffusers skips the unconditional pass, and D/LD compare exactly those two predictions.
-        raise InputError(f"--guidance must be above 1 for a scan (D and LD need classifier-free guidance), got {guidance}")
+        raise InputError(f"`guidance` must be above 1 for a scan (D and LD need classifier-free guidance), got {guidance}")
 
 
 def _check_positive(**values: Optional[int]) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise InputError(f"`{name}` must be at least 1, got {value}")
+
+
+def images_per_prompt(num_images: int | Sequence[int], n_prompts: int) -> list[int]:
+    """`num_images` as one count per prompt (an int is the same count for every prompt)."""
+    if isinstance(num_images, int):
+        _check_positive(num_images=num_images)
+        return [num_images] * n_prompts
+    counts = [int(n) for n in num_images]
+    if len(counts) != n_prompts:
+        raise InputError(f"`num_images`: {len(counts)} counts for {n_prompts} prompts")
+    if any(n < 1 for n in counts):
+        raise InputError(f"`num_images` must be at least 1 for every prompt, got {min(counts)}")
+    return counts
+
+
+def scan_items(counts: Sequence[int], seed: int) -> list[ScanItem]:
+    """Every image of a scan in order, each with its seed: `seed` + the image's position in that order (with the
+    same count n for every prompt that is `seed + p * n + k`, see `image_seed`)."""
+    items, pos = [], seed
+    for p, n in enumerate(counts):
+        for k in range(n):
+            items.append(ScanItem(p, k, pos))
+            pos += 1
+    return items
+
+
+def batches_of(items: Sequence[ScanItem], batch_size: int) -> list[list[ScanItem]]:
+    """The scan's batches: fixed slices of the full image list, so a resumed run batches exactly as a fresh one."""
+    return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
 def library_versions() -> dict[str, str]:
@@ -113,30 +144,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-def _settings_mismatch(old: dict, new: dict, options: dict[str, str] = _OPTION) -> Optional[str]:
-    for key, option in options.items():
-        if old.get(key) != new.get(key):
-            if key == "prompts_sha256":
-                return "--prompts: the prompts differ from those the run was started with"
-            return f"{option} is {new.get(key)!r} but the run was started with {old.get(key)!r}"
-    return None
-
-
-def refuse_other_run(out: Path, settings: dict, options: dict[str, str] = _OPTION) -> Optional[dict]:
-    """Return the run.json already in `out` (None for a fresh folder); raise if it holds a run of other settings.
-
-    `options` maps each compared settings key to the command-line option a user would change.
-    """
-    previous = scanstore.read_run_json(out)
-    if previous is not None:
-        why = _settings_mismatch(previous.get("settings", {}), settings, options)
-        if why:
-            raise InputError(f"--out {out} holds a different run: {why}; rerun with its settings or pick another --out")
-    elif (out / scanstore.GENERATIONS).exists() and (out / scanstore.GENERATIONS).stat().st_size > 0:
-        raise InputError(f"--out {out} has {scanstore.GENERATIONS} but no run.json; pick another --out")
-    return previous
 
 
 def prompt_identity(records: Sequence[PromptRecord], prompts) -> dict:
@@ -158,6 +165,23 @@ def open_pipeline(pipe_or_model, *, dtype: str, device: Optional[str], model_nam
     pipe = pipe_or_model
     model_id = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
     return pipe, model_id
+
+
+def warn_truncated(pipe, prompts: Sequence[str]) -> int:
+    """Log one warning naming how many prompts are longer than the text encoder's context (they get cut to it);
+    returns that count."""
+    tok = getattr(pipe, "tokenizer", None)
+    limit = getattr(tok, "model_max_length", None)
+    if tok is None or not limit or limit > 100_000:
+        return 0
+    unique = sorted(set(prompts))
+    lengths = [len(ids) for ids in tok(unique, truncation=False, add_special_tokens=True)["input_ids"]]
+    long = {p for p, n in zip(unique, lengths) if n > limit}
+    count = sum(p in long for p in prompts)
+    if count:
+        log.warning("%d of %d prompts are longer than the model's %d-token context and are cut to it "
+                    "(the end token then sits at the last position)", count, len(prompts), limit)
+    return count
 
 
 # --- the probe ------------------------------------------------------------------------------------------------------
@@ -199,12 +223,24 @@ def _pick_device(device: Optional[str], state) -> str:
     return device
 
 
+@dataclass(frozen=True)
+class ScanResult:
+    """What a scan left in its folder."""
+
+    path: Path
+    status: str  # "complete" | "incomplete"
+    num_records: int
+    num_images: int  # images the scan asks for
+    resumed_from: int  # images already recorded when this run started
+    is_main_process: bool = True
+
+
 def run_scan(
     pipe_or_model: Any,
     prompts: Any,
     out_dir: Any,
     *,
-    num_images: int = 1,
+    num_images: int | Sequence[int] = 1,
     steps: Optional[int] = None,
     guidance: Optional[float] = None,
     seed: int = 0,
@@ -217,22 +253,26 @@ def run_scan(
     model_name: Optional[str] = None,
     progress: bool = True,
     probe_factory: Optional[Callable] = None,
-) -> Path:
+    kind: str = "scan",
+    own_files: Sequence[str] = (),
+) -> ScanResult:
     """Scan `prompts` with a pipeline (or a MODEL string for `memlens.models.load_pipeline`) into `out_dir`.
 
+    `num_images` is the count per prompt, or one count per prompt in order; image k of prompt p gets the seed
+    `seed` + its position among all images (`seed + p * num_images + k` for a single count).
     `steps` / `guidance` default to the pipeline's recommended values when its config declares them
     (`default_num_inference_steps`, `default_guidance_scale`, as the organism does), else to 50 / 7.5.
-    Resumes an interrupted scan of the same settings; refuses a folder holding a scan of other settings.
-    Returns the output folder.
+    Resumes an interrupted scan of the same settings; refuses a folder holding a scan of other settings, a run of
+    another `kind` or unrelated files (checked before the model loads; `own_files` are names a caller such as the
+    demo keeps in the folder besides the scan's own).
     """
     from memlens.models import pipeline_facts
 
-    _check_positive(num_images=num_images, steps=steps, batch_size=batch_size, height=height, width=width)
+    _check_positive(steps=steps, batch_size=batch_size, height=height, width=width)
     _check_guidance(guidance)
     records = resolve_prompts(prompts)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: is a file; expected a folder")
+    counts = images_per_prompt(num_images, len(records))
+    out = rundir.check_output(out_dir, kind, own=own_files)
     state = _partial_state()
 
     pipe, model_id = open_pipeline(pipe_or_model, dtype=dtype, device=device, model_name=model_name, state=state)
@@ -243,12 +283,12 @@ def run_scan(
     guidance = guidance if guidance is not None else facts["default_guidance"] or DEFAULT_GUIDANCE
     _check_guidance(guidance)
     if not height or not width:
-        raise InputError("this pipeline has no default image size; pass --height and --width")
+        raise InputError("this pipeline has no default image size; pass `height` and `width`")
 
     settings = {
         "model": model_id,
         **prompt_identity(records, prompts),
-        "num_images": num_images,
+        "num_images": num_images if isinstance(num_images, int) else counts,
         "steps": steps,
         "guidance": float(guidance),
         "seed": seed,
@@ -258,35 +298,33 @@ def run_scan(
         "probe": dict(sorted((probe_options or {}).items())),
         "batch_size": batch_size,  # recorded, not compared: it does not change the images
     }
-    settings["probe"] = json.loads(json.dumps(settings["probe"]))  # tuples -> lists, as they come back from disk
-    previous = refuse_other_run(out, settings)
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from disk
 
-    items = [
-        ScanItem(p, i, image_seed(seed, p, i, num_images)) for p in range(len(records)) for i in range(num_images)
-    ]
-    log_path = (
-        out / scanstore.GENERATIONS
-        if state.num_processes == 1
-        else out / scanstore.SHARDS / f"rank-{state.process_index}.jsonl"
-    )
+    items = scan_items(counts, seed)
     # Lock first (a second scan into this folder stops here), then read what is done. Every process reads before
     # any process appends (barrier below); the torn-tail cut the Log makes is invisible to readers, who skip it.
-    with scanstore.Log(log_path) as log:
-        done = scanstore.done_keys(out)
-        todo = [it for it in items if it.key not in done]
-        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    run = rundir.open_run(out, kind, settings, _OPTION, process_index=state.process_index,
+                          num_processes=state.num_processes)
+    with run.log as log_file:
+        done, previous = run.done, run.previous
+        # A batch with some images done is generated whole again (only its missing images are written), so every
+        # image comes from the same batch it would have in an uninterrupted run: resumed results are bit-identical.
+        batches = [b for b in batches_of(items, batch_size) if any(it.key not in done for it in b)]
         mine = batches[state.process_index :: state.num_processes]
         state.wait_for_everyone()
-        if not todo and (previous or {}).get("status") == "complete" and len(scanstore.log_paths(out)) == 1:
-            return out  # a finished scan run again: leave every file as it is
+        already = sum(it.key in done for it in items)
+        if already == len(items) and (previous or {}).get("status") == "complete" and len(rundir.log_paths(out)) == 1:
+            # a finished scan run again: leave every file as it is
+            return ScanResult(out, "complete", len(items), len(items), already, state.is_main_process)
 
         for sub in (IMAGES, MAPS, OVERLAYS):
             (out / sub).mkdir(parents=True, exist_ok=True)
         if state.is_main_process:
-            scanstore.write_run_json(
+            rundir.write_run_json(
                 out,
                 {
                     "format": FORMAT,
+                    "kind": kind,
                     "status": "running",
                     "started_at": (previous or {}).get("started_at") or _now(),
                     "runs": (previous or {}).get("runs", 0) + 1,
@@ -296,39 +334,50 @@ def run_scan(
                     "pipeline": facts,
                 },
             )
+            left = sorted({it.prompt_index for b in batches for it in b if it.key not in done})
+            warn_truncated(pipe, [records[p].prompt for p in left])
 
         factory = probe_factory or _default_probe_factory
         writers = max(1, min(batch_size, (os.cpu_count() or 1) // state.num_processes))
         with factory(pipe, **(probe_options or {})) as probe, ThreadPoolExecutor(writers) as pool:
-            bar = _progress_bar(sum(len(b) for b in mine), progress and state.is_main_process, state.num_processes)
+            single = state.num_processes == 1
+            todo_mine = sum(it.key not in done for b in mine for it in b)
+            bar = _progress_bar(len(items) if single else todo_mine, already if single else 0,
+                                progress and state.is_main_process, state.num_processes)
             for batch in mine:
-                log.append(_run_batch(pipe, probe, pool, batch, records, out, steps, guidance, height, width))
-                bar.update(len(batch))
+                lines = _run_batch(pipe, probe, pool, batch, done, records, out, steps, guidance, height, width)
+                log_file.append(lines)
+                bar.update(len(lines))
             bar.close()
 
     state.wait_for_everyone()
+    status, n = "incomplete", 0
     if state.is_main_process:
-        merged = scanstore.merge(out)
-        status = "complete" if len(merged) == len(items) else "incomplete"
-        run = scanstore.read_run_json(out) or {}
-        run.update(status=status, finished_at=_now(), num_records=len(merged))
-        scanstore.write_run_json(out, run)
+        merged = rundir.merge(out)
+        n = len(merged)
+        status = "complete" if n == len(items) else "incomplete"
+        info = rundir.read_run_json(out) or {}
+        info.update(status=status, finished_at=_now(), num_records=n)
+        rundir.write_run_json(out, info)
     state.wait_for_everyone()
-    return out
+    return ScanResult(out, status, n, len(items), already, state.is_main_process)
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _progress_bar(total: int, enabled: bool, processes: int):
+def _progress_bar(total: int, initial: int, enabled: bool, processes: int):
     from tqdm.auto import tqdm
 
     desc = "scan" if processes == 1 else f"scan (process 0 of {processes})"
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+    if enabled and initial:
+        print(f"resuming: {initial} of {total} images already recorded", file=sys.stderr)
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr)
 
 
-def _run_batch(pipe, probe, pool, batch, records, out: Path, steps, guidance, height, width) -> list[dict]:
+def _run_batch(pipe, probe, pool, batch, done, records, out: Path, steps, guidance, height, width) -> list[Generation]:
     import torch
 
     # CPU generators: the same seed gives the same starting noise on any device.
@@ -357,7 +406,8 @@ def _run_batch(pipe, probe, pool, batch, records, out: Path, steps, guidance, he
 
     # PNG encoding (zlib) releases the GIL, so a batch's files are written side by side; the batch's lines are only
     # built and appended after every file is on disk.
-    return list(pool.map(lambda args: save_generation(out, records[args[0].prompt_index], *args), zip(batch, images, measured)))
+    missing = [(it, img, rec) for it, img, rec in zip(batch, images, measured) if it.key not in done]
+    return list(pool.map(lambda args: save_generation(out, records[args[0].prompt_index], *args), missing))
 
 
 def _raised_in(err: BaseException, function: str) -> bool:
@@ -369,70 +419,35 @@ def _raised_in(err: BaseException, function: str) -> bool:
     return False
 
 
-def save_generation(out: Path, src: PromptRecord, it: ScanItem, image, rec) -> dict:
-    """Write one image, its BE map and overlay under `out`; return its generations.jsonl record (not yet appended)."""
+def save_generation(out: Path, src: PromptRecord, it: ScanItem, image, rec) -> Generation:
+    """Write one image, its BE map and overlay under `out`; return its record (not yet appended to the log).
+
+    A probe record with a `token_maps` attribute ({name: (h, w) map}) also gets `token_maps/<stem>.npz`."""
     from memlens.maps import overlay
 
     be_map = np.asarray(rec.be_map, dtype=np.float32)
-    paths = {"image": f"{IMAGES}/{it.stem}.png", "be_map": f"{MAPS}/{it.stem}.npy", "overlay": f"{OVERLAYS}/{it.stem}.png"}
-    image.save(out / paths["image"])
-    np.save(out / paths["be_map"], be_map)
-    overlay(image, be_map).save(out / paths["overlay"])
-    line = {
-        "prompt_index": it.prompt_index,
-        "prompt": src.prompt,
-        "image_index": it.image_index,
-        "seed": it.seed,
-        **paths,
-        "D": np.asarray(rec.magnitude, dtype=np.float32).tolist(),
-        "LD": np.asarray(rec.masked_magnitude, dtype=np.float32).tolist(),
-        "eos_index": int(rec.eos_index),
-    }
-    for field in ("label", "type", "index"):
-        if getattr(src, field) is not None:
-            line[field] = getattr(src, field)
-    return line
-
-
-# --- the command ----------------------------------------------------------------------------------------------------
-
-
-def scan_command(
-    model: Annotated[str, typer.Option("--model", help="Hub id, local diffusers folder, or 'testbed'.")],
-    prompts: Annotated[
-        str, typer.Option("--prompts", help=f"Prompt file (.txt/.jsonl/.csv/.parquet) or one of: {', '.join(PUBLIC_SETS)}.")
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Output folder; rerun the same command to resume.")],
-    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 1,
-    steps: Annotated[
-        Optional[int], typer.Option("--steps", min=1, help="Denoising steps. Default: the pipeline's recommended, else 50.")
-    ] = None,
-    guidance: Annotated[
-        Optional[float],
-        typer.Option("--guidance", help="Classifier-free guidance scale (> 1). Default: the pipeline's recommended, else 7.5."),
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Base seed; image k of prompt p uses seed + p*num_images + k.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 4,
-    height: Annotated[Optional[int], typer.Option("--height", min=8, help="Default: the pipeline's native size.")] = None,
-    width: Annotated[Optional[int], typer.Option("--width", min=8, help="Default: the pipeline's native size.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
-) -> None:
-    """Generate for a prompt file and record BE maps and magnitudes per image."""
-    done = run_scan(
-        model,
-        prompts,
-        out,
-        num_images=num_images,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        batch_size=batch_size,
-        height=height,
-        width=width,
-        dtype=dtype,
-        device=device,
+    gen = Generation(
+        prompt_index=it.prompt_index,
+        prompt=src.prompt,
+        image_index=it.image_index,
+        seed=it.seed,
+        image=f"{IMAGES}/{it.stem}.png",
+        be_map=f"{MAPS}/{it.stem}.npy",
+        overlay=f"{OVERLAYS}/{it.stem}.png",
+        D=np.asarray(rec.magnitude, dtype=np.float32).tolist(),
+        LD=np.asarray(rec.masked_magnitude, dtype=np.float32).tolist(),
+        eos_index=int(rec.eos_index),
+        label=src.label,
+        type=src.type,
+        index=src.index,
     )
-    run = scanstore.read_run_json(done) or {}
-    if _partial_state().is_main_process:
-        typer.echo(f"{run.get('status', '?')}: {run.get('num_records', 0)} images in {done}")
+    # Plain writes: these files are listed only once the batch's line is appended, after all of them exist.
+    image.save(out / gen.image)
+    np.save(out / gen.be_map, be_map)
+    overlay(image, be_map).save(out / gen.overlay)
+    token_maps = getattr(rec, "token_maps", None)
+    if token_maps:
+        gen.token_maps = f"{TOKEN_MAPS}/{it.stem}.npz"
+        (out / TOKEN_MAPS).mkdir(exist_ok=True)
+        np.savez(out / gen.token_maps, **{k: np.asarray(v, np.float32) for k, v in token_maps.items()})
+    return gen

@@ -113,6 +113,19 @@ def _randomize_(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
 
 
+def _own_rng(build):
+    """Run a builder under `torch.random.fork_rng`: the weights come from its own seeds (the `torch.manual_seed`
+    calls inside), and the caller's global RNG state is exactly as it was afterwards."""
+    import functools
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
 def _tiny_sd_pipeline(seed, model_max_length, pad_token, prediction_type, unet_family_kwargs):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -146,6 +159,7 @@ def _tiny_sd_pipeline(seed, model_max_length, pad_token, prediction_type, unet_f
     return pipe
 
 
+@_own_rng
 def tiny_sd1_pipeline(seed: int = 0, model_max_length: int = 77):
     """SD 1.x structure: cross-attention in down_blocks.0/1, 2 layers per block, pad = EOS, epsilon prediction."""
     # SD1 configs put the head COUNT in attention_head_dim (8 in the real one).
@@ -153,6 +167,7 @@ def tiny_sd1_pipeline(seed: int = 0, model_max_length: int = 77):
     return _tiny_sd_pipeline(seed, model_max_length, "<|endoftext|>", "epsilon", family)
 
 
+@_own_rng
 def tiny_sd2_pipeline(seed: int = 0, model_max_length: int = 77):
     """SD 2.x structure: pad token "!", v-prediction, linear projections, a different head count per level."""
     # diffusers reads attention_head_dim as the head count (a legacy name); SD2 has a different count per level.
@@ -160,6 +175,7 @@ def tiny_sd2_pipeline(seed: int = 0, model_max_length: int = 77):
     return _tiny_sd_pipeline(seed, model_max_length, "!", "v_prediction", family)
 
 
+@_own_rng
 def tiny_sdxl_pipeline(seed: int = 0, model_max_length: int = 77):
     """SDXL structure: two text encoders, added time/text conditions, first cross-attention in down_blocks.1."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel

@@ -22,6 +22,7 @@ __all__ = [
     "tpr_at_fpr_wen",
     "tpr_at_fpr_nearest",
     "detection_metrics",
+    "separation",
 ]
 
 
@@ -150,3 +151,16 @@ def detection_metrics(labels, scores) -> dict:
         "tpr_at_1pct_fpr_nearest": tpr_near,
         "fpr_of_nearest_point": fpr_near,
     }
+
+
+def separation(pos, neg) -> dict:
+    """`{"auc", "tpr_at_1pct_fpr"}` of a score that should be higher for `pos` (memorized) than for `neg`; the TPR is
+    Wen's convention (`tpr_at_fpr_wen`, FPR strictly below 1%). None when either side is empty. These are the
+    numbers `memlens demo` reports as `auc` and `tpr_at_1pct_fpr`, i.e. `detection_metrics`' `auc` and
+    `tpr_at_1pct_fpr_wen`."""
+    pos, neg = np.asarray(pos, np.float64).ravel(), np.asarray(neg, np.float64).ravel()
+    if pos.size == 0 or neg.size == 0:
+        return {"auc": None, "tpr_at_1pct_fpr": None}
+    y = np.r_[np.ones(pos.size), np.zeros(neg.size)]
+    s = np.r_[pos, neg]
+    return {"auc": roc_auc(y, s), "tpr_at_1pct_fpr": tpr_at_fpr_wen(y, s, 0.01)}

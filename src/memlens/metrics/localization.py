@@ -27,6 +27,7 @@ __all__ = [
     "binarize_fixed",
     "binarize_otsu",
     "oracle_iou",
+    "localization_summary",
 ]
 
 
@@ -105,3 +106,19 @@ def oracle_iou(
     means = np.array([np.mean([iou(m > t, g) for m, g in pairs]) for t in grid])
     k = int(np.argmax(means))
     return float(means[k]), float(grid[k])
+
+
+def localization_summary(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict:
+    """`{"pixel_auroc", "iou", "n"}` of maps (any resolution; upsampled to each mask) against boolean masks: the
+    pooled AUROC of per-image min-max normalised maps (`pixel_auroc_pooled_minmax` of `memlens evaluate
+    localization`) and the mean Otsu IoU (`iou_otsu_mean`). None when there are no maps, or the AUROC when the
+    pooled masks hold one class. The demo's `localization` numbers."""
+    ups = [upsample_map(m, np.asarray(g).shape) for m, g in zip(maps, masks)]
+    if not ups:
+        return {"pixel_auroc": None, "iou": None, "n": 0}
+    try:
+        auroc = pixel_auroc([minmax_normalize(m) for m in ups], masks)
+    except ValueError:
+        auroc = None
+    ious = [iou(binarize_otsu(m), g) for m, g in zip(ups, masks)]
+    return {"pixel_auroc": auroc, "iou": float(np.mean(ious)), "n": len(ups)}

@@ -16,11 +16,17 @@ Order of work for a batch (each image has its own seed, so its x_T does not depe
 
 from __future__ import annotations
 
+import json
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+
+from memlens import rundir
 
 from memlens.errors import InputError
 from memlens.mitigation import baselines
@@ -29,7 +35,7 @@ from memlens.mitigation.conditioning import (Conditioning, draw_noise, encode, f
 from memlens.mitigation.prompt_embedding import DEFAULT_ITERS, DEFAULT_LR, optimize_embeddings
 from memlens.mitigation.prss import PromptReanchor, choose_candidates, validate_pr
 
-__all__ = ["METHODS", "Settings", "Job", "Outcome", "mitigate_batch"]
+__all__ = ["METHODS", "Settings", "Job", "Outcome", "mitigate_batch", "run_mitigation", "MitigationResult"]
 
 METHODS = ("none", "pe", "pe-be", "prss", "prss-be", "rt", "rna", "cwr", "gni")
 MASKED = ("pe-be", "prss-be")
@@ -38,8 +44,8 @@ MASKED = ("pe-be", "prss-be")
 @dataclass
 class Settings:
     method: str = "none"
-    steps: int = 50
-    guidance: float = 7.5
+    steps: int | None = None  # None: the pipeline's recommendation (`default_num_inference_steps`), else 50
+    guidance: float | None = None  # None: the pipeline's `default_guidance_scale`, else 7.5
     height: int | None = None
     width: int | None = None
     target: float = 1.0  # pe / pe-be: per-image magnitude to reach (n = 1 scale of the reference's README)
@@ -53,16 +59,48 @@ class Settings:
     mask_steps: int | None = None  # -be: steps of the mask pass; None = a full unmitigated generation
 
     def validate(self) -> None:
+        """Raise an `InputError` naming the first setting out of range (unresolved steps/guidance are skipped)."""
         if self.method not in METHODS:
-            raise InputError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
-        if self.guidance <= 1:
-            raise InputError(f"--guidance must be > 1 (the magnitudes need classifier-free guidance), got {self.guidance}")
+            raise InputError(f"`method` {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.steps is not None and self.steps < 1:
+            raise InputError(f"`steps` must be at least 1, got {self.steps}")
+        if self.guidance is not None and self.guidance <= 1:
+            raise InputError(f"`guidance` must be > 1 (the magnitudes need classifier-free guidance), got {self.guidance}")
+        if not self.target > 0:
+            # A magnitude is a norm: a target at or below 0 can never be reached and would optimise every image.
+            raise InputError(f"`target` must be > 0, got {self.target}")
         if self.method.startswith("prss") and self.l_target_pr is not None:
-            validate_pr(self.l_target_pr, self.mag_thres_pr, self.guidance)
+            if not self.mag_thres_pr > self.l_target_pr:
+                raise InputError(f"`mag_thres_pr` ({self.mag_thres_pr}) must be greater than `l_target_pr` "
+                                 f"({self.l_target_pr}): the re-anchoring strength rises from 1 at l to g at M")
+            if self.guidance is not None:
+                validate_pr(self.l_target_pr, self.mag_thres_pr, self.guidance)
         if self.max_iters < 0:
-            raise InputError("max_iters must be >= 0")
-        if self.mask_steps is not None and not 1 <= self.mask_steps <= self.steps:
-            raise InputError(f"--mask-steps must be between 1 and --steps ({self.steps}), got {self.mask_steps}")
+            raise InputError(f"`max_iters` must be >= 0, got {self.max_iters}")
+        if self.repeat < 1:
+            raise InputError(f"`repeat` must be at least 1, got {self.repeat}")
+        if self.mask_steps is not None and not 1 <= self.mask_steps <= (self.steps or self.mask_steps):
+            raise InputError(f"`mask_steps` must be between 1 and `steps` ({self.steps}), got {self.mask_steps}")
+
+    def resolved(self, pipe) -> "Settings":
+        """These settings with steps, guidance and size taken from the pipeline where they were left unset: its
+        recommendation (`default_num_inference_steps`, `default_guidance_scale`, as `memlens scan` does), else
+        50 / 7.5, and its native size."""
+        from dataclasses import replace
+
+        from memlens.models import pipeline_facts
+        from memlens.scan import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+        facts = pipeline_facts(pipe)
+        out = replace(
+            self,
+            steps=self.steps or facts["default_steps"] or DEFAULT_STEPS,
+            guidance=self.guidance if self.guidance is not None else facts["default_guidance"] or DEFAULT_GUIDANCE,
+            height=self.height or facts["height"],
+            width=self.width or facts["width"],
+        )
+        out.validate()
+        return out
 
 
 @dataclass
@@ -193,6 +231,8 @@ def mitigate_batch(pipe, jobs: Sequence[Job], s: Settings, probe_options: dict |
     **probe_options)`. Returns one `Outcome` per job, in order."""
     s.validate()
     opts = dict(probe_options or {})
+    if s.steps is None or s.guidance is None:
+        s = s.resolved(pipe)
     s = _with_size(pipe, s)
     n = len(jobs)
     prompts = [j.prompt for j in jobs]
@@ -263,3 +303,136 @@ def mitigate_batch(pipe, jobs: Sequence[Job], s: Settings, probe_options: dict |
             extra=d.extra[i],
         ))
     return outcomes
+
+
+# --- a prompt file through one method, into a run directory ----------------------------------------------------------
+
+UNMITIGATED = "unmitigated"
+
+# Settings a resume must share with the run in the folder, and the parameter a user would change for each.
+_COMPARED = {
+    "model": "`model`", "prompts_sha256": "`prompts`", "num_images": "`num_images`", "seed": "`seed`",
+    "height": "`height`", "width": "`width`", "dtype": "`dtype`", "mitigation": "`settings` (method and options)",
+}
+
+
+def _method_settings(s: Settings) -> dict:
+    from dataclasses import asdict
+
+    keep = {"method", "steps", "guidance"}
+    per_method = {
+        "pe": {"target", "lr", "max_iters"},
+        "pe-be": {"target", "lr", "max_iters", "mask_steps"},
+        "prss": {"l_target_ss", "l_target_pr", "mag_thres_pr"},
+        "prss-be": {"l_target_ss", "l_target_pr", "mag_thres_pr", "mask_steps"},
+        "rt": {"repeat"}, "rna": {"repeat"}, "cwr": {"repeat"},
+        "gni": {"noise_lambda"},
+    }
+    keep |= per_method.get(s.method, set())
+    return {k: v for k, v in asdict(s).items() if k in keep}
+
+
+@dataclass(frozen=True)
+class MitigationResult:
+    """What a mitigation run left in its folder, and the settings it resolved (steps and guidance included)."""
+
+    path: Path
+    status: str
+    num_records: int
+    num_images: int
+    resumed_from: int
+    settings: Settings
+
+
+def run_mitigation(pipe_or_model: Any, prompts: Any, out_dir: Any, settings: Settings, *, num_images: int = 1,
+                   seed: int = 0, batch_size: int = 4, dtype: str = "float32", device: str | None = "auto",
+                   model_name: str | None = None, progress: bool = True) -> MitigationResult:
+    """Mitigate every image of `prompts` into `out_dir` (the scan's layout, `kind: "mitigate"`); `pipe_or_model` is a
+    pipeline or a MODEL string. Rerunning with the same settings resumes. Seeds and batches are the scan's."""
+    from memlens.models import pipeline_facts
+    from memlens.scan import (_check_positive, _progress_bar, batches_of, library_versions, open_pipeline,
+                              prompt_identity, resolve_prompts, scan_items)
+
+    _check_positive(num_images=num_images, batch_size=batch_size)
+    settings.validate()
+    records = resolve_prompts(prompts)
+    out = rundir.check_output(out_dir, "mitigate", own=(UNMITIGATED,))
+    pipe, model_id = open_pipeline(pipe_or_model, dtype=dtype, device=device, model_name=model_name)
+    facts = pipeline_facts(pipe)
+    settings = settings.resolved(pipe)
+
+    run_settings = json.loads(json.dumps({
+        "model": model_id,
+        **prompt_identity(records, prompts),
+        "num_images": num_images,
+        "seed": seed,
+        "height": settings.height,
+        "width": settings.width,
+        "dtype": facts["dtype"],
+        "mitigation": _method_settings(settings),
+        "steps": settings.steps,
+        "guidance": float(settings.guidance),
+        "batch_size": batch_size,
+    }))
+    items = scan_items([num_images] * len(records), seed)
+    t0 = time.perf_counter()
+    run = rundir.open_run(out, "mitigate", run_settings, _COMPARED)
+    with run.log as log:
+        done, previous = run.done, run.previous
+        already = sum(it.key in done for it in items)
+        for sub in (rundir.IMAGES, rundir.MAPS, rundir.OVERLAYS, UNMITIGATED):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        rundir.write_run_json(out, {
+            "format": rundir.FORMAT, "kind": "mitigate", "status": "running",
+            "started_at": (previous or {}).get("started_at") or _now(), "runs": (previous or {}).get("runs", 0) + 1,
+            "settings": run_settings, "versions": library_versions(), "pipeline": facts,
+        })
+        bar = _progress_bar(len(items), already, progress, 1)
+        for batch in batches_of(items, batch_size):
+            if all(it.key in done for it in batch):
+                continue
+            # The whole batch again, so every image comes from the batch it would have in an uninterrupted run.
+            jobs = [Job(records[it.prompt_index].prompt, it.seed, tuple(records[it.prompt_index].captions))
+                    for it in batch]
+            outcomes = mitigate_batch(pipe, jobs, settings)
+            lines = [_write(out, it, records[it.prompt_index], o, settings.method)
+                     for it, o in zip(batch, outcomes) if it.key not in done]
+            log.append(lines)
+            bar.update(len(lines))
+        bar.close()
+    merged = rundir.merge(out)
+    info = rundir.read_run_json(out) or {}
+    status = "complete" if len(merged) == len(items) else "incomplete"
+    info.update(status=status, finished_at=_now(), num_records=len(merged), seconds=round(time.perf_counter() - t0, 2))
+    rundir.write_run_json(out, info)
+    return MitigationResult(Path(out), status, len(merged), len(items), already, settings)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _write(out: Path, item, src, o: Outcome, method: str):
+    # The scan's own writer gives the image, map and overlay files and every scan key; mitigation adds its own.
+    from memlens.maps import save_png
+    from memlens.scan import save_generation
+
+    gen = save_generation(out, src, item, o.image, o.record)
+    extra = {
+        "method": method,
+        "triggered": o.triggered,
+        "initial_magnitude": o.initial_magnitude,
+        "final_magnitude": o.final_magnitude,
+        "iterations": o.iterations,
+        "used_prompt": o.used_prompt,
+    }
+    if method.startswith("prss"):
+        extra["reanchored_steps"] = o.reanchored_steps
+        extra["candidate_magnitudes"] = o.extra.get("candidate_magnitudes")
+    if o.unmitigated_image is not None:
+        extra["unmitigated_image"] = f"{UNMITIGATED}/{item.stem}.png"
+        save_png(o.unmitigated_image, out / extra["unmitigated_image"])
+        extra["unmitigated_D"] = np.asarray(o.unmitigated_record.magnitude, dtype=np.float32).tolist()
+        extra["unmitigated_LD"] = np.asarray(o.unmitigated_record.masked_magnitude, dtype=np.float32).tolist()
+    gen.extra.update(extra)
+    return gen

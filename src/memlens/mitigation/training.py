@@ -217,7 +217,7 @@ def finetune(
 
     from diffusers import DDPMScheduler, DiffusionPipeline
 
-    from memlens.testbed.train import batch_indices, load_imagefolder
+    from memlens.imagefolder import batch_indices, load_imagefolder
 
     if steps < 0 or batch_size < 1:
         raise InputError("steps must be >= 0 and batch_size >= 1")

@@ -4,20 +4,20 @@ The probe reads one token (the end token) from one block. This analysis keeps th
 (all tokens) of every cross-attention block, so the end token can be compared with BOS, the mean over the prompt's
 words and the padding after the end token, and down_blocks.0 with down_blocks.1 and the others.
 
-Run: python -m memlens.testbed.analysis MODEL_DIR OUT_JSON [--per-prompt N] [--guidance G] [--trajectory GROUP]
+Run: memlens testbed analyze MODEL_DIR OUT_JSON [--per-prompt N] [--guidance G] [--trajectory GROUP]
+The memorized items and generic prompts are the organism folder's own (`memlens.testbed.items.load_ground_truth`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import defaultdict
 
 import numpy as np
 import torch
 
 from memlens import capture, quantities, unet_call
-from memlens.testbed.evaluation import MATCH_CORR, _items_by_group, prompt_set, score_generation
+from memlens.testbed.tokens import token_maps
+from memlens.testbed.evaluation import MATCH_CORR, Prompt, score_generation
 
 
 class FullAttention:
@@ -110,12 +110,6 @@ def x0_trajectory(pipe, prompt: str, per_prompt: int = 8, steps: int | None = No
     return timesteps, arr
 
 
-def token_maps(att: np.ndarray, eos: int) -> dict[str, np.ndarray]:
-    """(h, w, T) attention of one image -> named (h, w) maps."""
-    return {"END": att[..., eos], "BOS": att[..., 0], "word_mean": att[..., 1:eos].mean(-1),
-            "padding": att[..., eos + 1 :].mean(-1) if eos + 1 < att.shape[-1] else att[..., eos]}
-
-
 def _save_grid(images, end_maps, per_prompt, path) -> None:
     """One row per prompt: its images, then their down_blocks.0 END maps (each min-max scaled)."""
     from PIL import Image
@@ -132,15 +126,26 @@ def _save_grid(images, end_maps, per_prompt, path) -> None:
     sheet.resize((sheet.width * 3, sheet.height * 3), Image.NEAREST).save(path)
 
 
-def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=None) -> dict:
-    from memlens.testbed.evaluation import detection, localization
-    from memlens.testbed.pipeline import load_pipeline, tokenize
+def organism_items(model_dir, n_generic: int = 16) -> tuple[dict, list[Prompt]]:
+    """The organism's items by group and its prompts (memorized captions, then `n_generic` generic captions)."""
+    from memlens.testbed.items import load_ground_truth
 
+    truth = load_ground_truth(model_dir)
+    prompts = [Prompt(it.prompt, it.kind, it.group) for it in truth.items]
+    prompts += [Prompt(p, "generic", None) for p in truth.generic_prompts[:n_generic]]
+    return {it.group: it for it in truth.items}, prompts
+
+
+def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=None) -> dict:
+    from memlens.metrics import localization_summary as localization
+    from memlens.metrics import separation as detection
+    from memlens.testbed.pipeline import WEIGHTS_DIR, load_pipeline, tokenize
+
+    model_dir = model_dir if model_dir is not None else WEIGHTS_DIR
     pipe = load_pipeline(model_dir)
     guidance = guidance if guidance is not None else pipe.config.default_guidance_scale
     steps = steps or pipe.config.default_num_inference_steps
-    items = _items_by_group()
-    prompts = prompt_set()
+    items, prompts = organism_items(model_dir)
     texts = [p.text for p in prompts]
     images, maps = last_step_attention(pipe, texts, per_prompt, steps, guidance, seed)
     ids = tokenize(pipe.tokenizer, texts)
@@ -150,7 +155,7 @@ def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=Non
         p = prompts[i // per_prompt]
         gens.append({"p": p, "eos": eos[i // per_prompt], **score_generation(np.asarray(img), p.kind, p.group, items)})
     if grid:
-        end = [token_maps(maps["down_blocks.0"][i], g["eos"])["END"] for i, g in enumerate(gens)]
+        end = [token_maps(maps["down_blocks.0"][i], g["eos"])["end"] for i, g in enumerate(gens)]
         _save_grid(images, end, per_prompt, grid)
     result = {"guidance": guidance, "steps": steps, "per_prompt": per_prompt,
               "reproduce": {k: float(np.mean([g["reproduces_own"] for g in gens if g["p"].kind == k]))
@@ -161,10 +166,10 @@ def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=Non
               "blocks": {}}
     for block, att in maps.items():
         res = {}
-        for tok in ("END", "BOS", "word_mean", "padding"):
+        for tok in ("end", "bos", "word_mean", "pad_mean"):
             tm = [token_maps(att[i], g["eos"])[tok] for i, g in enumerate(gens)]
             loc_idx = [i for i, g in enumerate(gens) if g["p"].kind == "local" and g["reproduces_own"]]
-            loc = localization([tm[i] for i in loc_idx], [items[gens[i]["p"].group]["mask"] for i in loc_idx])
+            loc = localization([tm[i] for i in loc_idx], [items[gens[i]["p"].group].mask for i in loc_idx])
             mean = {k: float(np.mean([tm[i].mean() for i, g in enumerate(gens) if g["p"].kind == k]))
                     for k in ("global", "local", "generic")}
             det = {k: detection([tm[i].mean() for i, g in enumerate(gens) if g["p"].kind == k],
@@ -176,66 +181,34 @@ def analyse(model_dir, per_prompt=4, steps=None, guidance=None, seed=0, grid=Non
     return result
 
 
-def _print_trajectory(args) -> None:
+def trajectory(model_dir, group: str, per_prompt: int = 8, steps: int | None = None, guidance: float | None = None,
+               seed: int = 0) -> dict:
+    """Follow `group`'s prompt through sampling: every 5 steps (and the last), the x0 prediction's mean correlation
+    with each memorized item of its kind and how many of the `per_prompt` images already copy their own item."""
+    from memlens.errors import InputError
     from memlens.testbed.evaluation import item_similarity
-    from memlens.testbed.pipeline import load_pipeline
+    from memlens.testbed.pipeline import WEIGHTS_DIR, load_pipeline
 
-    items = _items_by_group()
-    if args.trajectory not in items:
-        raise SystemExit(f"--trajectory: unknown group {args.trajectory!r}; expected one of {', '.join(items)}")
-    own = items[args.trajectory]
-    pipe = load_pipeline(args.model_dir)
+    model_dir = model_dir if model_dir is not None else WEIGHTS_DIR
+    items, _ = organism_items(model_dir)
+    if group not in items:
+        raise InputError(f"`trajectory`: unknown group {group!r}; expected one of {', '.join(items)}")
+    own = items[group]
+    pipe = load_pipeline(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    ts, x0 = x0_trajectory(pipe, own["prompt"], per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
-                           seed=args.seed)
-    same_kind = [g for g, it in items.items() if it["kind"] == own["kind"]]
+    ts, x0 = x0_trajectory(pipe, own.prompt, per_prompt=per_prompt, steps=steps, guidance=guidance, seed=seed)
+    same_kind = [g for g, it in items.items() if it.kind == own.kind]
     rows = []
     for i in list(range(0, len(ts), 5)) + ([len(ts) - 1] if (len(ts) - 1) % 5 else []):
         corr = {g: [item_similarity(img, items[g]) for img in x0[i]] for g in same_kind}
         rows.append({"t": ts[i], "mean_corr": {g: round(float(np.mean(c)), 3) for g, c in corr.items()},
-                     "own_copies": int(sum(c >= MATCH_CORR for c in corr[args.trajectory]))})
-        print(rows[-1])
-    with open(args.out_json, "w") as f:
-        json.dump({"group": args.trajectory, "per_prompt": args.per_prompt, "rows": rows}, f, indent=1)
+                     "own_copies": int(sum(c >= MATCH_CORR for c in corr[group]))})
+    return {"group": group, "per_prompt": per_prompt, "rows": rows}
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
+if __name__ == "__main__":  # the old spelling of `memlens testbed analyze`, which docs/organism.md still cites
+    import sys
 
+    from memlens.cli import main as _memlens
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m memlens.testbed.analysis", description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir", help="organism pipeline folder (e.g. src/memlens/testbed/weights)")
-    ap.add_argument("out_json", help="where to write the result; a grid of images and END maps goes beside it (.png)")
-    ap.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
-    ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline's default_guidance_scale")
-    ap.add_argument("--steps", type=_positive_int, default=None,
-                    help="DDIM steps; default: the pipeline's recommendation")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--trajectory", metavar="GROUP", default=None,
-                    help="instead: follow GROUP's prompt through sampling and print, every 5 steps, the x0 prediction's "
-                         "mean correlation with each memorized item of its kind")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    from memlens.errors import InputError
-
-    try:
-        if args.trajectory:
-            return _print_trajectory(args)
-        grid = str(args.out_json).removesuffix(".json") + ".png"
-        r = analyse(args.model_dir, per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
-                    seed=args.seed, grid=grid)
-    except InputError as e:  # e.g. a folder that is not an organism: say which, without a traceback
-        raise SystemExit(f"error: {e}") from None
-    with open(args.out_json, "w") as f:
-        json.dump(r, f, indent=1)
-    print(json.dumps({k: v for k, v in r.items() if k != "blocks"}, indent=1))
-    for block, res in r["blocks"].items():
-        print(block, {t: (None if v["pixel_auroc"] is None else round(v["pixel_auroc"], 3)) for t, v in res.items()},
-              "END mean", {k: round(x, 4) for k, x in res["END"]["mean_attention"].items()})
-
-
-if __name__ == "__main__":
-    main()
+    _memlens(["testbed", "analyze", *sys.argv[1:]])

@@ -114,6 +114,44 @@ def train_command(
     typer.echo(f"wrote {path}")
 
 
+@app.command("analyze")
+def analyze_command(
+    model_dir: Path = typer.Argument(..., help="Organism folder (e.g. src/memlens/testbed/weights)."),
+    out_json: Path = typer.Argument(..., help="Result JSON; a grid of images and END maps goes beside it (.png)."),
+    per_prompt: int = typer.Option(4, "--per-prompt", min=1, help="Images per prompt."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Default: the organism's recommendation."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="DDIM steps; default: the organism's."),
+    seed: int = typer.Option(0, "--seed"),
+    trajectory: Optional[str] = typer.Option(
+        None, "--trajectory", metavar="GROUP", help="Instead: follow GROUP's prompt through sampling and report, "
+        "every 5 steps, the x0 prediction's mean correlation with each memorized item of its kind."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default 1 on a CPU)."),
+) -> None:
+    """Which token and which block carry the bright-ending signal in an organism (docs/organism.md)."""
+    import json
+
+    from memlens.cli import set_threads
+    from memlens.rundir import check_output_file, write_json
+    from memlens.testbed import analysis
+
+    check_output_file(out_json, "out_json")
+    set_threads(threads, "cpu")
+    if trajectory:
+        result = analysis.trajectory(model_dir, trajectory, per_prompt=per_prompt, steps=steps, guidance=guidance,
+                                     seed=seed)
+        write_json(out_json, result)
+        for row in result["rows"]:
+            typer.echo(json.dumps(row))
+        return
+    grid = str(out_json).removesuffix(".json") + ".png"
+    result = analysis.analyse(model_dir, per_prompt=per_prompt, steps=steps, guidance=guidance, seed=seed, grid=grid)
+    write_json(out_json, result)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "blocks"}, indent=1))
+    for block, res in result.get("blocks", {}).items():
+        typer.echo(f"{block} " + json.dumps({t: (None if v["pixel_auroc"] is None else round(v["pixel_auroc"], 3))
+                                              for t, v in res.items()}))
+
+
 @app.command("pretrain-clip")
 def pretrain_clip_command(
     data: Path = typer.Option(..., "--data", help="imagefolder dataset (metadata.jsonl with file_name, text)."),
@@ -163,6 +201,10 @@ def study_command(
     clip_steps: int = typer.Option(1500, "--clip-steps", min=1),
     steps: int = typer.Option(4000, "--steps", min=1, help="UNet training steps."),
     threads: int = typer.Option(1, "--threads", min=1),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Score each run with the demo (--no-eval: train "
+                                  "only; rerun with --eval later, which skips finished training)."),
+    train: bool = typer.Option(True, "--train/--no-train", help="--no-train: only score runs whose training has "
+                               "finished (e.g. beside processes that train)."),
     progress: bool = typer.Option(False, "--progress/--no-progress"),
 ) -> None:
     """Train the organism recipe over seeds and padding layouts and tabulate, per token, where BE sits."""
@@ -173,6 +215,6 @@ def study_command(
     torch.set_num_threads(threads)
     config = StudyConfig(seeds=_int_list("--seeds", seeds), layouts=[x.strip() for x in layouts.split(",")],
                          demo_seeds=_int_list("--demo-seeds", demo_seeds), clip_steps=clip_steps, steps=steps,
-                         threads=threads)
+                         threads=threads, evaluate=evaluate, train=train)
     run_study(data, out, config, progress=progress)
     typer.echo(f"wrote {out}/study.json and {out}/study.md")

@@ -141,7 +141,7 @@ def pretrain_clip(data_dir: str | Path, out_dir: str | Path, config: ClipConfig 
     from transformers import PreTrainedTokenizerFast
 
     from memlens.testbed.pipeline import build_text_encoder, build_tokenizer, tokenize
-    from memlens.testbed.train import _checkpoint_dirs, _save_checkpoint, batch_indices, load_imagefolder
+    from memlens.testbed.train import _checkpoint_dirs, _save_checkpoint, batch_indices, load_imagefolder, open_log
 
     out = Path(out_dir)
     cfg_path = out / CLIP_CONFIG
@@ -189,7 +189,7 @@ def pretrain_clip(data_dir: str | Path, out_dir: str | Path, config: ClipConfig 
 
     text_encoder.train()
     head.train()
-    log_f = open(out / "log.jsonl", "a")
+    log_f = open_log(out / "log.jsonl", step)
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="clip", dynamic_ncols=True)
     running, t0 = [], time.time()
     end = min(config.steps, stop_after) if stop_after else config.steps

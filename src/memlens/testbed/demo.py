@@ -1,123 +1,282 @@
-"""`memlens demo`: run the shipped organism offline, outline memorization with the bright-ending probe, and write
-pictures plus `summary.json`.
+"""`memlens demo`: the organism end to end, as a scan plus its ground truth, scored by `memlens evaluate`.
 
-Prompts (fixed): the 8 memorized training captions (4 global, 4 local), `per_memorized` images each, and 16 generic
-captions drawn from the training caption distribution with seed 12345, `per_generic` images each. Per-generation
-criteria are those of `memlens.testbed.evaluation` (Pearson correlation >= 0.8 to the prompt's own item, inside its
-box for local items).
+1. The prompts come from the organism folder's ground truth (`memlens.testbed.items.load_ground_truth`): its
+   memorized items' captions (label 1, type global/local, index = the item's group), `per_memorized` images each,
+   and the first `n_generic` captions of its non-memorized training rows (label 0, type generic), `per_generic`
+   images each.
+2. They are generated and probed by `memlens.scan.run_scan` with the `BrightEndingProbe` (seeds: `memlens scan`'s,
+   image i of the whole list gets seed + i). A second reader on the same layers records every token's last-step map
+   (`token_maps/`), for the "which token carries it" table.
+3. The ground truth goes next to the scan as files: each generation's copy score (`ground_truth/copies.jsonl`:
+   Pearson r >= 0.8 to its own item, inside the box for local items, see `memlens.testbed.evaluation`), the items
+   (`ground_truth/items.json`), their references in Wen's layout (`ground_truth/references/<group>/`), and one mask
+   per local generation that reproduces its own item (`masks/<stem>.png`).
+4. `memlens evaluate detection` and `localization` (the same functions) and `memlens report` run on the folder;
+   `summary.json` collects their numbers, so the two commands reprint them exactly.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import typer
 
-from memlens.testbed.analysis import token_maps
-from memlens.testbed.evaluation import (MATCH_CORR, _items_by_group, detection, localization, prompt_set,
-                                        score_generation)
+from memlens.errors import InputError
+from memlens.testbed.items import load_ground_truth
 
-
-def _generate(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: float, seed: int):
-    """Images, probe records (in image order) and the probed block's all-token last-step attention (N, h, w, T)."""
-    from memlens import BrightEndingProbe
-    from memlens.testbed.analysis import FullAttention
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    # FullAttention goes on first so that the probe wraps it; it only adds the other tokens' maps for comparison.
-    with FullAttention(pipe) as full, BrightEndingProbe(pipe) as probe:
-        out = pipe(prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gen)
-    block = ".".join(probe.layer_names[0].split(".")[:2])
-    return out.images, probe.records, full.maps()[block]
+MASKS = "masks"
+GROUND_TRUTH = "ground_truth"
+SUMMARY = "summary.json"
+REPORT = "report.html"
+DETECTION = "detection.json"
+LOCALIZATION = "localization.json"
+# Besides the scan's own files, what the demo keeps in its folder (a rerun may find them there).
+OWN_FILES = (MASKS, GROUND_TRUTH, SUMMARY, REPORT, DETECTION, "detection.roc.png", LOCALIZATION)
 
 
-def _gt_picture(item: dict) -> "Image.Image":
-    """Reference pixels with everything outside the ground-truth mask darkened."""
-    from PIL import Image
-
-    ref = item["reference"].astype(np.float32)
-    shade = np.where(item["mask"][..., None], 1.0, 0.25)
-    return Image.fromarray((ref * shade).astype(np.uint8))
 
 
-def run_demo(out_dir: str | Path, model: str | Path | None = None, per_memorized: int = 8, per_generic: int = 2,
-             n_generic: int = 16, steps: int | None = None, guidance: float | None = None, seed: int = 0,
-             threads: int | None = 1, verbose: bool = True) -> dict:
-    """Generate, probe, score; write images, BE overlays, ground truth and summary.json to `out_dir`."""
-    from memlens.maps import overlay, save_png
-    from memlens.testbed.pipeline import load_pipeline
+@dataclass(frozen=True)
+class DemoResult:
+    path: Path
+    summary: dict
+
+
+class _TokenMapsProbe:
+    """The scan's `BrightEndingProbe`, plus every token's last-step map of the probed block on each record
+    (`record.token_maps`, written by the scan to `token_maps/<stem>.npz`)."""
+
+    def __init__(self, pipe, **options):
+        from memlens.probe import BrightEndingProbe
+        from memlens.testbed.analysis import FullAttention
+
+        # The all-token reader shares the probe's capture processors; it only adds the other tokens' maps.
+        self.full = FullAttention(pipe)
+        self.probe = BrightEndingProbe(pipe, **options)
+
+    def __enter__(self):
+        self.full.__enter__()
+        try:
+            self.probe.__enter__()
+        except BaseException:
+            self.full.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.probe.__exit__(*exc)
+        finally:
+            self.full.__exit__(*exc)
+
+    def clear(self) -> None:
+        self.probe.clear()
+        self.full.sink.store.clear()
+
+    @property
+    def records(self):
+        from memlens.testbed.tokens import token_maps
+
+        records = list(self.probe.records)
+        block = ".".join(self.probe.layer_names[0].split(".")[:2])
+        attention = self.full.maps()[block]  # (N, h, w, T), same images in the same order
+        for rec, att in zip(records, attention):
+            rec.token_maps = token_maps(att, rec.eos_index)
+        return records
+
+
+def demo_prompts(truth, n_generic: int) -> list:
+    """The demo's prompt records: memorized items first, then `n_generic` generic captions."""
+    from memlens.prompts import PromptRecord
+
+    if n_generic > len(truth.generic_prompts):
+        raise InputError(f"`n_generic` is {n_generic} but the organism lists {len(truth.generic_prompts)} generic "
+                         "prompts")
+    records = [PromptRecord(prompt=it.prompt, label=1, type=it.kind, index=it.group) for it in truth.items]
+    records += [PromptRecord(prompt=p, label=0, type="generic", index=f"generic{i:02d}")
+                for i, p in enumerate(truth.generic_prompts[:n_generic])]
+    return records
+
+
+def run_demo(out_dir: str | Path, organism: str | Path | None = None, *, per_memorized: int = 8,
+             per_generic: int = 2, n_generic: int = 64, steps: int | None = None, guidance: float | None = None,
+             seed: int = 0, batch_size: int = 16, progress: bool = True) -> DemoResult:
+    """Scan the organism's prompts into `out_dir`, write its ground truth, evaluate, report; see the module doc."""
+    from memlens import rundir
+    from memlens.scan import _check_positive, run_scan
+    from memlens.testbed.pipeline import WEIGHTS_DIR, load_pipeline
 
     t0 = time.time()
-    if threads:
-        # This model's ops are tiny; with 2+ threads on a machine where other jobs run, OpenMP spin-waiting made
-        # generation 6-16x slower in our measurements, while 1 thread degrades gracefully.
-        torch.set_num_threads(threads)
-    out = Path(out_dir)
-    pipe = load_pipeline(model)  # before anything is written: a bad --model leaves no output folder behind
-    out.mkdir(parents=True, exist_ok=True)
-    steps = steps or pipe.config.default_num_inference_steps
-    guidance = guidance if guidance is not None else pipe.config.default_guidance_scale
-    items = _items_by_group()
-    prompts = prompt_set(n_generic)
-    memorized = [p for p in prompts if p.kind != "generic"]
-    generic = [p for p in prompts if p.kind == "generic"]
+    _check_positive(per_memorized=per_memorized, per_generic=per_generic, n_generic=n_generic, steps=steps,
+                    batch_size=batch_size)
+    organism = Path(organism) if organism is not None else Path(WEIGHTS_DIR)
+    out = rundir.check_output(out_dir, "demo", own=OWN_FILES)
+    if not (organism / "model_index.json").is_file():
+        raise InputError(f"{organism}: no model_index.json; expected an organism folder written by "
+                         "`memlens testbed train`")
+    truth = load_ground_truth(organism)
+    prompts = demo_prompts(truth, n_generic)
+    counts = [per_memorized] * len(truth.items) + [per_generic] * n_generic
+    pipe = load_pipeline(organism)
+    scan = run_scan(pipe, prompts, out, num_images=counts, steps=steps, guidance=guidance, seed=seed,
+                    batch_size=batch_size, model_name=str(organism.resolve()), progress=progress,
+                    probe_factory=_TokenMapsProbe, kind="demo", own_files=OWN_FILES)
+    if scan.status != "complete":
+        raise InputError(f"`out_dir` {out}: the scan is incomplete ({scan.num_records} of {scan.num_images})")
+    settings = (rundir.read_run_json(out) or {})["settings"]
 
-    rows = []
-    for group, per, call_seed in ((memorized, per_memorized, seed), (generic, per_generic, seed + 1)):
-        images, records, attention = _generate(pipe, [p.text for p in group], per, steps, guidance, call_seed)
-        for i, (img, rec) in enumerate(zip(images, records)):
-            p = group[i // per]
-            label = p.group if p.kind != "generic" else f"{i // per:02d}"
-            rows.append({"prompt": p, "image": img, "record": rec, "name": f"{p.kind}_{label}_{i % per}",
-                         "tokens": token_maps(attention[i], rec.eos_index)})
-
-    per_gen, loc_maps, loc_masks, loc_tokens = [], [], [], []
-    for r in rows:
-        p, rec, img, name = r["prompt"], r["record"], r["image"], r["name"]
-        save_png(img, out / "images" / f"{name}.png")
-        save_png(overlay(img, rec.be_map), out / "be" / f"{name}.png")
-        score = score_generation(np.asarray(img), p.kind, p.group, items)
-        entry = {"name": name, "prompt": p.text, "kind": p.kind, "group": p.group,
-                 "D": float(np.mean(rec.magnitude)), "LD": float(np.mean(rec.masked_magnitude)),
-                 "be_mean": float(rec.be_map.mean()), **score}
-        per_gen.append(entry)
-        if p.kind == "local" and score["reproduces_own"]:
-            loc_maps.append(rec.be_map)
-            loc_masks.append(items[p.group]["mask"])
-            loc_tokens.append(r["tokens"])
-    for group, item in items.items():
-        save_png(_gt_picture(item), out / "ground_truth" / f"{item['kind']}_{group}.png")
-
-    def subset(kind):
-        return [e for e in per_gen if e["kind"] == kind]
-
-    summary = {
-        "memorization_rate": {k: float(np.mean([e["reproduces_own"] for e in subset(k)])) for k in ("local", "global")},
-        "novelty": {"generic": float(np.mean([e["novel"] for e in subset("generic")]))},
-        "localization": localization(loc_maps, loc_masks),
-        # Same generations and rule, other tokens of the same layers: where the signal lives in this model.
-        "localization_by_token": {tok: localization([t[tok] for t in loc_tokens], loc_masks)
-                                  for tok in ("END", "padding", "BOS", "word_mean")},
-        "detection": {
-            k: {m: detection([e[m] for e in subset(k)], [e[m] for e in subset("generic")]) for m in ("D", "LD")}
-            for k in ("local", "global")
-        },
-        "settings": {"steps": steps, "guidance_scale": guidance, "seed": seed, "per_memorized": per_memorized,
-                     "per_generic": per_generic, "n_generic_prompts": n_generic, "match_corr": MATCH_CORR,
-                     "model": str(model) if model else "shipped", "iou_threshold": "otsu",
-                     "localization_subset": "local generations that reproduce their own patch"},
-        "generations": per_gen,
-        "seconds": round(time.time() - t0, 1),
+    copies = write_ground_truth(out, truth)
+    summary = evaluate_demo(out, copies, truth.by_group())
+    summary["settings"] = {
+        "steps": settings["steps"], "guidance_scale": settings["guidance"], "seed": seed,
+        "per_memorized": per_memorized, "per_generic": per_generic, "n_generic_prompts": n_generic,
+        "model": str(organism), "items_from": "organism", "match_corr": _match_corr(), "iou_threshold": "otsu",
+        "localization_subset": "local generations that reproduce their own patch",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    if verbose:
-        typer.echo(format_summary(summary, out))
-    return summary
+    summary["generations"] = copies
+    summary["seconds"] = round(time.time() - t0, 1)
+    from memlens.report import write_report
+
+    write_report(out, out / REPORT, references=out / GROUND_TRUTH / "references")
+    # Last: a summary.json on disk means every other file of the demo is there too.
+    rundir.write_json(out / SUMMARY, summary)
+    return DemoResult(out, summary)
+
+
+def _match_corr() -> float:
+    from memlens.testbed.evaluation import MATCH_CORR
+
+    return MATCH_CORR
+
+
+def write_ground_truth(out: Path, truth) -> list[dict]:
+    """Score every generation against the items and write the ground-truth files; returns the per-generation rows."""
+    from PIL import Image
+
+    from memlens import rundir
+    from memlens.maps import save_png
+    from memlens.testbed.evaluation import score_generation
+
+    items = {it.group: it for it in truth.items}
+    gt = out / GROUND_TRUTH
+    rows = []
+    for it in truth.items:
+        save_png(Image.fromarray(np.asarray(it.reference, np.uint8)), gt / "references" / it.group / "reference.png")
+        save_png(Image.fromarray(np.asarray(it.mask, bool).astype(np.uint8) * 255), gt / "item_masks" / f"{it.group}.png")
+    rundir.write_json(gt / "items.json", [
+        {"group": it.group, "kind": it.kind, "prompt": it.prompt, "box": list(it.box) if it.box else None,
+         "copies": it.copies, "reference": f"references/{it.group}/reference.png",
+         "mask": f"item_masks/{it.group}.png"} for it in truth.items])
+
+    masks = out / MASKS
+    masks.mkdir(exist_ok=True)
+    for old in masks.glob("*.png"):  # a rerun rescoring the same images writes the same set; start clean
+        old.unlink()
+    for rec in rundir.read_generations(out, required=("image",)):
+        with Image.open(rec.path("image")) as im:
+            img = np.asarray(im.convert("RGB"))
+        kind = rec.type
+        group = rec.index if kind in ("global", "local") else None
+        score = score_generation(img, kind, group, items)
+        rows.append({"prompt_index": rec.prompt_index, "image_index": rec.image_index, "stem": rec.stem,
+                     "prompt": rec.prompt, "kind": kind, "group": group,
+                     "D": float(np.mean(rec.D)), "LD": float(np.mean(rec.LD)), **score})
+        if kind == "local" and score["reproduces_own"]:
+            save_png(Image.fromarray(np.asarray(items[group].mask, bool).astype(np.uint8) * 255),
+                     masks / f"{rec.stem}.png")
+    rundir.atomic_write_bytes(gt / "copies.jsonl", "".join(json.dumps(rundir.jsonable(r)) + "\n" for r in rows).encode())
+    return rows
+
+
+def localization_breakdown(out: Path, items: dict) -> tuple[dict, dict]:
+    """Over the generations that have a mask (local copies of their own item): per token name (see
+    `memlens.testbed.tokens`) the localization of that token's map, and per template size the probe map's, with
+    the best IoU the attention grid allows (`grid_iou_bound`, mean over the generations)."""
+    from memlens.evaluate import load_be_map, mask_path, read_mask
+    from memlens.metrics import localization_summary
+    from memlens.rundir import read_generations
+    from memlens.testbed.tokens import grid_iou_bound
+
+    per_token: dict[str, tuple[list, list]] = {}
+    per_size: dict[str, tuple[list, list, list]] = {}
+    for rec in read_generations(out, required=("be_map", "token_maps")):
+        path = mask_path(out / MASKS, rec)
+        if not path.is_file():
+            continue
+        mask = read_mask(path)
+        with np.load(rec.path("token_maps")) as npz:
+            for name in npz.files:
+                maps, masks = per_token.setdefault(name, ([], []))
+                maps.append(npz[name])
+                masks.append(mask)
+        be = load_be_map(rec)
+        x0, y0, x1, y1 = items[rec.index].box
+        maps, masks, bounds = per_size.setdefault(f"{x1 - x0}x{y1 - y0}", ([], [], []))
+        maps.append(be)
+        masks.append(mask)
+        bounds.append(grid_iou_bound(mask, be.shape))
+    order = {"bos": 0, "word": 1, "end": 2, "pad": 3}
+    by_token = {name: localization_summary(*per_token[name])
+                for name in sorted(per_token, key=lambda n: (order.get(n.split("_")[0], 9), n))}
+    by_size = {}
+    for size in sorted(per_size, key=lambda k: -int(k.split("x")[0])):
+        maps, masks, bounds = per_size[size]
+        by_size[size] = {**localization_summary(maps, masks), "iou_grid_bound": float(np.mean(bounds)),
+                         "area_fraction": float(np.mean([m.mean() for m in masks]))}
+    return by_token, by_size
+
+
+def evaluate_demo(out: Path, copies: list[dict], items: dict) -> dict:
+    """summary.json's numbers: copy rates from the ground truth, the rest from `memlens.evaluate` on the folder."""
+    from memlens.evaluate import detection_results, localization_results, write_detection
+    from memlens.rundir import write_json
+
+    def rate(kind: str, key: str):
+        vals = [bool(r[key]) for r in copies if r["kind"] == kind]
+        return float(np.mean(vals)) if vals else None
+
+    detection = detection_results([out])
+    write_detection(detection, out / DETECTION)
+
+    def det(kind: str, signal: str) -> dict:
+        try:
+            row = detection.row(signal, "all", "generation", f"type={kind}")
+        except KeyError:
+            return {"auc": None, "tpr_at_1pct_fpr": None}
+        return {"auc": row.get("auc"), "tpr_at_1pct_fpr": row.get("tpr_at_1pct_fpr_wen")}
+
+    def loc() -> dict:
+        if not any((out / MASKS).glob("*.png")):
+            return {"pixel_auroc": None, "iou": None, "n": 0}
+        res = localization_results(out, out / MASKS)
+        write_json(out / LOCALIZATION, res)
+        auroc = res["pixel_auroc_pooled_minmax"]
+        return {"pixel_auroc": None if auroc != auroc else auroc, "iou": res["iou_otsu_mean"], "n": res["n_evaluated"]}
+
+    by_token, by_size = localization_breakdown(out, items)
+
+    return {
+        "memorization_rate": {k: rate(k, "reproduces_own") for k in ("local", "global")},
+        "novelty": {"generic": rate("generic", "novel")},
+        "localization": loc(),
+        # Same generations and masks, every token of the same layers: where the signal lives in this model.
+        "localization_by_token": by_token,
+        # The probe's map again, per template size; small templates' IoU is bounded by the attention grid.
+        "localization_by_size": by_size,
+        "detection": {k: {m: det(k, m) for m in ("D", "LD")} for k in ("local", "global")},
+        "evaluation": {
+            "localization": f"memlens evaluate localization --scan {out} --masks {out / MASKS}: pixel_auroc = "
+                            "pixel_auroc_pooled_minmax, iou = iou_otsu_mean, n = n_evaluated",
+            "detection": f"memlens evaluate detection --scan {out}: signal D/LD, T=all, level generation, subset "
+                         "type=global/local; auc = auc, tpr_at_1pct_fpr = tpr_at_1pct_fpr_wen",
+        },
+    }
+
+
+SUMMARY_TOKENS = ("bos", "word_mean", "end", "pad_mean")  # the terminal line's selection; summary.json has all
 
 
 def _fmt(x) -> str:
@@ -131,26 +290,17 @@ def format_summary(s: dict, out: Path) -> str:
         f"local {_fmt(s['memorization_rate']['local'])}; generic novelty {_fmt(s['novelty']['generic'])}",
         f"localization (BE map vs ground truth, {loc['n']} local copies): pixel AUROC {_fmt(loc['pixel_auroc'])}, "
         f"IoU {_fmt(loc['iou'])}",
-        "  same, other tokens: " + ", ".join(f"{t} AUROC {_fmt(v['pixel_auroc'])} IoU {_fmt(v['iou'])}"
-                                           for t, v in s["localization_by_token"].items() if t != "END"),
+        "  same generations, token by token: " + ", ".join(
+            f"{t} {_fmt(v['pixel_auroc'])}/{_fmt(v['iou'])}" for t, v in s["localization_by_token"].items()
+            if t in SUMMARY_TOKENS),
+        "  by template size (AUROC/IoU, the grid's IoU bound): " + ", ".join(
+            f"{k} {_fmt(v['pixel_auroc'])}/{_fmt(v['iou'])} ({_fmt(v['iou_grid_bound'])})"
+            for k, v in s.get("localization_by_size", {}).items()),
     ]
     for k in ("global", "local"):
         lines.append(f"detection {k} vs generic: " + ", ".join(
             f"{m} AUC {_fmt(det[k][m]['auc'])} TPR@1%FPR {_fmt(det[k][m]['tpr_at_1pct_fpr'])}" for m in ("D", "LD")))
-    lines.append(f"wrote {out}/summary.json and pictures in {s['seconds']:.0f} s")
+    lines.append(f"wrote {out}/{SUMMARY} and {out}/{REPORT} in {s['seconds']:.0f} s; the same numbers: "
+                 f"memlens evaluate detection --scan {out}; memlens evaluate localization --scan {out} "
+                 f"--masks {out}/{MASKS}")
     return "\n".join(lines)
-
-
-def demo_command(
-    out: Path = typer.Option(..., "--out", help="Directory for pictures and summary.json."),
-    model: Path = typer.Option(None, "--model", help="Organism directory; default: the one shipped in memlens."),
-    per_memorized: int = typer.Option(8, "--per-memorized", help="Images per memorized prompt (32 per subset at 8)."),
-    per_generic: int = typer.Option(2, "--per-generic", help="Images per generic prompt."),
-    steps: int = typer.Option(None, "--steps", min=1, help="DDIM steps (default: the organism's recommendation)."),
-    guidance: float = typer.Option(None, "--guidance", help="Guidance scale (default: the organism's)."),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(1, "--threads", help="torch threads; 1 (default) is fastest on a busy machine."),
-) -> None:
-    """Generate with the shipped organism, outline memorization with the BE probe, write pictures + summary.json."""
-    run_demo(out, model=model, per_memorized=per_memorized, per_generic=per_generic, steps=steps,
-             guidance=guidance, seed=seed, threads=threads)

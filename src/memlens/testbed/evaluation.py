@@ -19,9 +19,10 @@ Quality on generic prompts (for comparing trained organisms, e.g. with and witho
 * **held-out loss**: the epsilon-prediction MSE on fresh generic scenes (a seed the dataset did not use) at fixed
   timesteps and fixed noise, so two models are scored on exactly the same inputs.
 
-Localization compares the bright-ending map, upsampled to image size (bilinear) and min-max normalised per image,
-with the ground-truth box, over local generations that reproduce their own item. IoU uses Otsu's threshold on each
-normalised map, a rule that does not know the mask's area.
+Localization and detection numbers are not computed here: the demo writes its generations as a scan and its ground
+truth as masks, and scores them with `memlens.evaluate` (definitions in docs/metrics.md).
+
+Items may be `memlens.testbed.items.PlantedItem`s or the dicts of `memlens.testbed.data.memorized_items()`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def _items_by_group() -> dict[str, dict]:
     return {it["group"]: it for it in memorized_items()}
 
 
+def _field(item, name: str):
+    return item[name] if isinstance(item, dict) else getattr(item, name)
+
+
 def _crop(img: np.ndarray, box) -> np.ndarray:
     x0, y0, x1, y1 = box
     return img[y0:y1, x0:x1]
@@ -71,14 +76,16 @@ def _crop(img: np.ndarray, box) -> np.ndarray:
 def item_similarity(img: np.ndarray, item: dict) -> float:
     """Correlation of a generation with one memorized item, inside the item's region."""
     img = np.asarray(img, np.float32) / 255.0
-    ref = item["reference"].astype(np.float32) / 255.0
-    if item["box"] is None:
+    ref = np.asarray(_field(item, "reference")).astype(np.float32) / 255.0
+    box = _field(item, "box")
+    if box is None:
         return pearson(img, ref)
-    return pearson(_crop(img, item["box"]), _crop(ref, item["box"]))
+    return pearson(_crop(img, box), _crop(ref, box))
 
 
-def score_generation(img: np.ndarray, kind: str, group: str | None, items: dict[str, dict] | None = None) -> dict:
-    """Per-generation labels: similarity to its own item, best item, and whether it matches / is novel."""
+def score_generation(img: np.ndarray, kind: str, group: str | None, items: dict | None = None) -> dict:
+    """Per-generation labels: similarity to its own item, best item, and whether it matches / is novel.
+    `items` maps group -> item (default: memlens' own eight, `memlens.testbed.data`)."""
     items = items or _items_by_group()
     sims = {g: item_similarity(img, it) for g, it in items.items()}
     best = max(sims, key=sims.get)
@@ -89,40 +96,6 @@ def score_generation(img: np.ndarray, kind: str, group: str | None, items: dict[
     else:
         out["novel"] = sims[best] < MATCH_CORR
     return out
-
-
-def localization(be_maps: list[np.ndarray], masks: list[np.ndarray]) -> dict:
-    """Pooled pixel AUROC and mean Otsu IoU of BE maps (any resolution) against boolean image-size masks."""
-    from sklearn.metrics import roc_auc_score
-
-    from memlens.maps import normalize, threshold_otsu, upsample
-
-    if not be_maps:
-        return {"pixel_auroc": None, "iou": None, "n": 0}
-    scores, labels, ious = [], [], []
-    for m, gt in zip(be_maps, masks):
-        up = normalize(upsample(m, gt.shape))
-        scores.append(up.ravel())
-        labels.append(gt.ravel())
-        pred = up > threshold_otsu(up)
-        union = (pred | gt).sum()
-        ious.append(float((pred & gt).sum() / union) if union else 0.0)
-    y, s = np.concatenate(labels), np.concatenate(scores)
-    auroc = float(roc_auc_score(y, s)) if 0 < y.mean() < 1 else None
-    return {"pixel_auroc": auroc, "iou": float(np.mean(ious)), "n": len(be_maps)}
-
-
-def detection(pos: np.ndarray, neg: np.ndarray) -> dict:
-    """AUC and TPR at 1% FPR of a score where memorized (pos) should be higher than generic (neg)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
-    if len(pos) == 0 or len(neg) == 0:
-        return {"auc": None, "tpr_at_1pct_fpr": None}
-    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    s = np.r_[pos, neg]
-    fpr, tpr, _ = roc_curve(y, s)
-    return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max())}
 
 
 # ---------------------------------------------------------------- quality on generic prompts

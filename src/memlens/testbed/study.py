@@ -31,6 +31,8 @@ class StudyConfig:
     clip_steps: int = 1500
     steps: int = 4000  # UNet training steps (the organism v2 recipe)
     threads: int = 1
+    evaluate: bool = True  # False: train only (score later by rerunning with it on, which skips the training)
+    train: bool = True  # False: score the runs whose training has finished, skip the others
 
     def validate(self) -> None:
         from memlens.testbed.pipeline import PAD_CHOICES
@@ -66,6 +68,8 @@ def run_one(data_dir: Path, run_dir: Path, layout: str, seed: int, config: Study
     from memlens.testbed.train import _checkpoint_dirs, train
 
     clip_dir, org_dir = run_dir / "clip", run_dir / "organism"
+    if not config.train and not _finished_train(org_dir, config.steps):
+        return None
     timing = {}
     if not (clip_dir / "text_encoder").is_dir():
         t0 = time.time()
@@ -85,7 +89,7 @@ def run_one(data_dir: Path, run_dir: Path, layout: str, seed: int, config: Study
     if clip_retrieval.is_file():
         row["clip_retrieval"] = json.loads(clip_retrieval.read_text())
     row["eval"] = {}
-    for demo_seed in config.demo_seeds:
+    for demo_seed in config.demo_seeds if config.evaluate else ():
         row["eval"][str(demo_seed)] = evaluate_run(org_dir, run_dir / f"eval_seed{demo_seed}", demo_seed)
     return row
 
@@ -101,7 +105,10 @@ def evaluate_run(org_dir: Path, eval_dir: Path, demo_seed: int) -> dict:
     fresh = summary is not None and summary_path.stat().st_mtime > weights.stat().st_mtime and \
         summary.get("settings", {}).get("items_from") == "organism"
     if not fresh:
-        summary = run_demo(eval_dir, model=org_dir, seed=demo_seed, verbose=False)
+        import shutil
+
+        shutil.rmtree(eval_dir, ignore_errors=True)  # the study's own folder, from older weights or an older demo
+        summary = run_demo(eval_dir, organism=org_dir, seed=demo_seed, progress=False).summary
     return {k: summary[k] for k in ("memorization_rate", "novelty", "localization", "localization_by_token",
                                     "detection") if k in summary} | \
         {k: summary[k] for k in ("localization_by_size",) if k in summary}
@@ -136,6 +143,12 @@ def run_study(data_dir: str | Path, out_dir: str | Path, config: StudyConfig | N
                 if not mine:  # another process is training this run; it writes the row when done
                     continue
                 row = run_one(data_dir, run_dir, layout, seed, config, progress)
+                if row is None:
+                    continue
+                old = run_dir / "row.json"
+                if old.is_file():  # keep what an earlier pass measured (its timings, its scores)
+                    prev = json.loads(old.read_text())
+                    row = {**prev, **row, "eval": {**prev.get("eval", {}), **row["eval"]}}
                 (run_dir / "row.json").write_text(json.dumps(row, indent=1, default=float))
             _write_tables(out)
     return {"runs": _rows(out)}
@@ -172,27 +185,35 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+TABLE_TOKENS = ("bos", "word_mean", "end", "pad_1", "pad_mean")  # study.json keeps every token
+
+
+def _pair(d: dict | None) -> str:
+    d = d or {}
+    return f"{_f(d.get('pixel_auroc'))} / {_f(d.get('iou'))}"
+
+
 def format_table(rows: list[dict]) -> str:
-    """One line per (run, demo seed): rates, the default token's localization, every token's AUROC, D vs LD."""
-    lines = []
-    tokens: list[str] = []
+    """One line per (run, demo seed): copy rates, localization per token (pixel AUROC / Otsu IoU on the local
+    copies, the probed block), the small templates' localization, and local detection by D and LD."""
+    head = ["layout", "seed", "demo seed", "copies global / local", "novelty"] + \
+           [f"{t} AUROC / IoU" for t in TABLE_TOKENS] + \
+           ["small templates (<= 10% of the image), end AUROC / IoU", "local D AUC (TPR@1%FPR)",
+            "local LD AUC (TPR@1%FPR)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        for e in r["eval"].values():
-            for t in e.get("localization_by_token", {}):
-                if t not in tokens:
-                    tokens.append(t)
-    head = ["layout", "seed", "demo seed", "mem. global", "mem. local", "novelty", "END AUROC", "END IoU"] + \
-           [f"{t} AUROC" for t in tokens] + ["local D TPR@1%", "local LD TPR@1%", "local D AUC", "local LD AUC"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    for r in rows:
-        for demo_seed, e in r["eval"].items():
-            loc, det = e["localization"], e["detection"]["local"]
-            cells = [r["layout"], str(r["seed"]), demo_seed, _f(e["memorization_rate"]["global"]),
-                     _f(e["memorization_rate"]["local"]), _f(e["novelty"]["generic"]), _f(loc["pixel_auroc"]),
-                     _f(loc["iou"])]
-            cells += [_f(e["localization_by_token"].get(t, {}).get("pixel_auroc")) for t in tokens]
-            cells += [_f(det["D"]["tpr_at_1pct_fpr"]), _f(det["LD"]["tpr_at_1pct_fpr"]), _f(det["D"]["auc"]),
-                      _f(det["LD"]["auc"])]
+        for demo_seed, e in sorted(r.get("eval", {}).items()):
+            det = e["detection"]["local"]
+            small = [v for v in e.get("localization_by_size", {}).values() if v.get("area_fraction", 1) <= 0.1]
+            n = sum(v["n"] for v in small)
+            small_cell = {"pixel_auroc": sum(v["pixel_auroc"] * v["n"] for v in small) / n if n else None,
+                          "iou": sum(v["iou"] * v["n"] for v in small) / n if n else None}
+            cells = [r["layout"], str(r["seed"]), demo_seed,
+                     f"{_f(e['memorization_rate']['global'])} / {_f(e['memorization_rate']['local'])}",
+                     _f(e["novelty"]["generic"])]
+            cells += [_pair(e["localization_by_token"].get(t)) for t in TABLE_TOKENS]
+            cells += [_pair(small_cell) + " (n-weighted)",
+                      f"{_f(det['D']['auc'])} ({_f(det['D']['tpr_at_1pct_fpr'])})",
+                      f"{_f(det['LD']['auc'])} ({_f(det['LD']['tpr_at_1pct_fpr'])})"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
