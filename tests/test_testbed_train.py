@@ -111,10 +111,10 @@ def test_init_from_starts_at_the_given_organism_and_checks_it_fits(data, tmp_pat
     loaded = b.unet.state_dict()
     assert not all(torch.equal(v, loaded[k]) for k, v in fresh["unet"].items())  # a fresh init is elsewhere
     assert json.loads((second / "train_config.json").read_text())["init_from"] == str(first)
-    with pytest.raises(InputError, match=r"--init-from .*unet does not fit.*first mismatch"):
+    with pytest.raises(InputError, match=r"`init_from` .*unet does not fit.*first mismatch"):
         train(data, tmp_path / "wide", _tiny(1, unet_channels=[16, 16, 16], init_from=str(first)), progress=False)
     assert not (tmp_path / "wide").exists()  # a refused start leaves no half-made run folder behind
-    with pytest.raises(InputError, match=r"--init-from .*missing: no model_index.json"):
+    with pytest.raises(InputError, match=r"`init_from` .*missing: no model_index.json"):
         train(data, tmp_path / "nothing", _tiny(1, init_from=str(tmp_path / "missing")), progress=False)
     other = make_dataset(tmp_path / "other", seed=2, n_generic=5, copies=1)
     with pytest.raises(InputError, match="vocabulary differs"):
@@ -122,7 +122,7 @@ def test_init_from_starts_at_the_given_organism_and_checks_it_fits(data, tmp_pat
 
 
 def test_caption_matcher_counts_copies_as_positives():
-    from memlens.testbed.train import CaptionMatcher
+    from memlens.testbed.clip import ContrastiveHead as CaptionMatcher
 
     torch.manual_seed(0)
     m = CaptionMatcher(16)
@@ -140,11 +140,33 @@ def test_caption_matcher_counts_copies_as_positives():
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--pad-token", "bang", "--pad-token: expected one of eos, pad, got 'bang'"),
-    ("--end-contrastive", "-0.1", "--end-contrastive: expected a weight >= 0, got -0.1"),
+    ("--pad-token", "bang", "--pad-token must be one of eos, pad, got 'bang'"),
+    ("--end-contrastive", "-0.1", "--end-contrastive must be >= 0, got -0.1"),
+    ("--schedule", "cosine", "--schedule must be one of sd, ddpm, got 'cosine'"),
+    ("--filter", "X", "--filter must be one of none, D, LD, got 'X'"),
 ])
 def test_cli_train_refuses_bad_options_before_writing(tmp_path, capsys, option, value, message):
     with pytest.raises(SystemExit) as ex:
         main(["testbed", "train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "m"), option, value])
     assert ex.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("schedule", "x", "`schedule` must be one of sd, ddpm"), ("batch_size", 0, "`batch_size` must be at least 1"),
+    ("caption_dropout", 1.5, "`caption_dropout` and `decay_from` must lie in [0, 1]"),
+    ("unet_channels", [], "`unet_channels` must be positive widths"),
+])
+def test_library_validates_the_config_before_writing(tmp_path, field, value, message):
+    with pytest.raises(InputError) as ex:
+        train(tmp_path / "nodata", tmp_path / "m", _tiny(2, **{field: value}), progress=False)
+    assert message in str(ex.value) and not (tmp_path / "m").exists()
+
+
+def test_training_leaves_the_callers_rng_and_threads_alone(data, tmp_path):
+    threads = torch.get_num_threads()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    train(data, tmp_path / "m", _tiny(2, threads=threads + 1), progress=False)
+    assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads

@@ -52,7 +52,10 @@ _PARAMS = {
     "model", "prompts", "num_images", "steps", "guidance", "seed", "batch_size", "height", "width", "dtype", "device",
     "threads", "method", "target", "max_iters", "repeat", "mask_steps", "l_target_ss", "l_target_pr", "mag_thres_pr",
     "noise_lambda", "per_memorized", "per_generic", "n_generic", "preset", "mask_normalize", "clip_model",
-    "clip_pretrained", "max_side", "out", "trajectory", "per_prompt",
+    "clip_pretrained", "max_side", "out", "trajectory", "per_prompt", "init_from", "filter", "schedule",
+    "pad_token", "end_contrastive", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
+    "snr_gamma", "ema_decay", "checkpoint_every", "unet_heads", "unet_channels", "text_width", "text_layers",
+    "factor",
 }
 
 

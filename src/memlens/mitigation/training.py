@@ -148,7 +148,7 @@ def filter_mask(
     """Bool (B,) of the samples to keep: criterion value <= threshold. `criterion` is "none", "D" or "LD"; extra
     keyword arguments go to `sample_magnitudes` (LD needs `eos_indices`)."""
     if criterion not in CRITERIA:
-        raise InputError(f"--filter {criterion!r}: expected one of {', '.join(CRITERIA)}")
+        raise InputError(f"`filter` {criterion!r}: expected one of {', '.join(CRITERIA)}")
     if criterion == "none":
         return torch.ones(noisy.shape[0], dtype=torch.bool, device=noisy.device)
     mags = sample_magnitudes(unet, noisy, timesteps, cond, uncond, masked=criterion == "LD", **kwargs)
@@ -166,7 +166,7 @@ class TrainingFilter:
     def __init__(self, criterion: str, threshold: float, empty_ids: torch.Tensor, eos_token_id: int,
                  layers: Sequence[str] | str | None = None):
         if criterion not in CRITERIA:
-            raise InputError(f"--filter {criterion!r}: expected one of {', '.join(CRITERIA)}")
+            raise InputError(f"`filter` {criterion!r}: expected one of {', '.join(CRITERIA)}")
         self.criterion, self.threshold = criterion, float(threshold)
         self.empty_ids = empty_ids.view(1, -1)
         self.eos_token_id = eos_token_id

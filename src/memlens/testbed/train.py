@@ -78,6 +78,31 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def validate(self) -> None:
+        """Every option checked before anything is built or written; errors name the parameter."""
+        from memlens.mitigation.training import CRITERIA
+        from memlens.testbed.pipeline import PAD_CHOICES, SCHEDULES
+
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "resolution",
+                     "max_length", "text_width", "text_layers", "unet_heads", "factor", "threads"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"`ema_decay` must lie in [0, 1), got {self.ema_decay!r}")
+        for name in ("lr", "text_lr_mult", "warmup", "weight_decay", "snr_gamma", "grad_clip", "end_contrastive"):
+            if getattr(self, name) < 0:
+                raise InputError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.caption_dropout <= 1 or not 0 <= self.decay_from <= 1:
+            raise InputError("`caption_dropout` and `decay_from` must lie in [0, 1]")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.pad_token not in PAD_CHOICES:
+            raise InputError(f"`pad_token` must be one of {', '.join(PAD_CHOICES)}, got {self.pad_token!r}")
+        if self.filter not in CRITERIA:
+            raise InputError(f"`filter` must be one of {', '.join(CRITERIA)}, got {self.filter!r}")
+        if not self.unet_channels or any(int(c) < 1 for c in self.unet_channels):
+            raise InputError(f"`unet_channels` must be positive widths, got {self.unet_channels!r}")
+
 
 # ---------------------------------------------------------------- loss
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
@@ -103,34 +128,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return warm
     progress = min(1.0, (step - start) / max(1.0, config.steps - start))
     return warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
-
-
-# ---------------------------------------------------------------- END-token contrastive loss
-class CaptionMatcher(torch.nn.Module):
-    """A small image encoder and a projection of the pooled END output, scored CLIP-style within a batch.
-
-    Rows with the same caption (copies of a memorized item) are all positives of each other, so duplicates are not
-    pushed apart. Training-only: not part of the saved pipeline.
-    """
-
-    def __init__(self, width: int):
-        super().__init__()
-        act = torch.nn.SiLU
-        self.image = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, stride=2, padding=1), act(), torch.nn.Conv2d(32, 64, 3, stride=2, padding=1),
-            act(), torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), act(), torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(), torch.nn.Linear(128, width))
-        self.text = torch.nn.Linear(width, width, bias=False)
-        self.logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-
-    def forward(self, images: torch.Tensor, pooled: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        img = torch.nn.functional.normalize(self.image(images), dim=-1)
-        txt = torch.nn.functional.normalize(self.text(pooled), dim=-1)
-        logits = self.logit_scale.exp().clamp(max=100) * txt @ img.T
-        same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).float()
-        rows = -(same / same.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-        cols = -(same / same.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
-        return 0.5 * (rows + cols)
 
 
 # ---------------------------------------------------------------- EMA
@@ -188,16 +185,16 @@ def _load_initial_weights(pipe: OrganismPipeline, tokenizer, source: Path) -> No
     try:
         init = load_pipeline(source)
     except InputError as ex:  # load_pipeline names the folder; say which option it came from
-        raise InputError(f"--init-from {ex}") from None
+        raise InputError(f"`init_from` {ex}") from None
     if init.tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise InputError(f"--init-from {source}: its tokenizer's vocabulary differs from the one built from this "
+        raise InputError(f"`init_from` {source}: its tokenizer's vocabulary differs from the one built from this "
                          "dataset's captions; continue training on the data the model was trained on")
     for name in ("unet", "text_encoder"):
         mine, theirs = getattr(pipe, name).state_dict(), getattr(init, name).state_dict()
         bad = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape] + \
               [k for k in theirs if k not in mine]
         if bad:
-            raise InputError(f"--init-from {source}: {name} does not fit this run's architecture options "
+            raise InputError(f"`init_from` {source}: {name} does not fit this run's architecture options "
                              f"(first mismatch: {bad[0]}); use the options the model was trained with")
         getattr(pipe, name).load_state_dict(theirs)
 
@@ -234,7 +231,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
             saved.steps = config.steps
         config = saved
     config = config or TrainConfig()
-    torch.set_num_threads(config.threads)
+    config.validate()
     pretrained = None
     if config.text_encoder:
         if config.init_from or config.end_contrastive > 0:
@@ -259,12 +256,15 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     else:
         tokenizer = build_tokenizer(data.captions, config.max_length, config.pad_token)
 
-    torch.manual_seed(config.seed)
-    pipe = build_pipeline(tokenizer, resolution=config.resolution, text_width=config.text_width,
-                          text_layers=config.text_layers, unet_channels=tuple(config.unet_channels),
-                          unet_heads=config.unet_heads, factor=config.factor,
-                          schedule=config.schedule,
-                          **({"text_heads": pretrained[2].text_heads} if pretrained is not None else {}))
+    # Initial weights are a function of the seed; the caller's global RNG state is left as it was.
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        pipe = build_pipeline(tokenizer, resolution=config.resolution, text_width=config.text_width,
+                              text_layers=config.text_layers, unet_channels=tuple(config.unet_channels),
+                              unet_heads=config.unet_heads, factor=config.factor,
+                              schedule=config.schedule,
+                              **({"text_heads": pretrained[2].text_heads} if pretrained is not None else {}))
+        after_build = torch.get_rng_state()  # the optional contrastive head is drawn from here, as it always was
     if pretrained is not None:
         pipe.text_encoder.load_state_dict(pretrained[1].state_dict())
         pipe.text_encoder.requires_grad_(False).eval()
@@ -292,7 +292,13 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         droppable = torch.tensor([k in config.dropout_kinds for k in data.kinds])
 
     # Built after the pipeline, so that the pipeline's initial weights do not depend on this option.
-    matcher = CaptionMatcher(config.text_width) if config.end_contrastive > 0 else None
+    matcher = None
+    if config.end_contrastive > 0:
+        from memlens.testbed.clip import ContrastiveHead
+
+        with torch.random.fork_rng():
+            torch.set_rng_state(after_build)
+            matcher = ContrastiveHead(config.text_width)
     frozen_text = pretrained is not None
     groups = [{"params": unet.parameters(), "lr": config.lr}]
     if not frozen_text:
