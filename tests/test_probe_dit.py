@@ -472,3 +472,22 @@ def test_cli_scan_refuses_flux_without_true_cfg_in_one_line(prompt_txt, tmp_path
     assert _cli(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "true_cfg_scale" in line]
     assert len(err) == 1 and "true_cfg_scale > 1 AND a negative prompt" in err[0]
+
+
+def test_cli_scan_runs_flux_with_true_cfg(prompt_txt, tmp_path):
+    import json
+
+    folder = tmp_path / "flux"
+    tiny_dit_pipeline("flux").save_pretrained(folder)
+    out = tmp_path / "scan"
+    args = ["scan", "--model", folder, "--prompts", prompt_txt, "--out", out, "--steps", 2, "--height", 32,
+            "--width", 32, "--true-cfg-scale", 2.0, "--negative-prompt", ""]
+    assert _cli(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["settings"]["true_cfg_scale"] == 2.0
+    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert all(len(line["D"]) == 2 and np.isfinite(line["D"]).all() and np.isfinite(line["LD"]).all()
+               for line in lines)
+    # A resume with another true-CFG scale is refused, naming the option.
+    assert _cli(args[:-4] + ["--true-cfg-scale", 3.0, "--negative-prompt", ""]) == 2
+    assert _cli(args[:-4] + ["--true-cfg-scale", 1.0, "--negative-prompt", ""]) == 2

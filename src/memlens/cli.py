@@ -53,7 +53,7 @@ _PARAMS = {
     "threads", "method", "target", "max_iters", "repeat", "mask_steps", "l_target_ss", "l_target_pr", "mag_thres_pr",
     "noise_lambda", "per_memorized", "per_generic", "n_generic", "preset", "mask_normalize", "clip_model",
     "clip_pretrained", "max_side", "out", "trajectory", "per_prompt", "init_from", "filter", "schedule",
-    "pad_token", "end_contrastive", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
+    "pad_token", "end_contrastive", "negative_prompt", "true_cfg_scale", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
     "snr_gamma", "ema_decay", "checkpoint_every", "unet_heads", "unet_channels", "text_width", "text_layers",
     "factor",
 }
@@ -115,13 +115,20 @@ def scan_command(
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(
+        "--negative-prompt", help="Passed to the pipeline; with --true-cfg-scale it gives FLUX (guidance-distilled) "
+        "the unconditional branch D and LD need.")] = None,
+    true_cfg_scale: Annotated[Optional[float], typer.Option(
+        "--true-cfg-scale", help="FLUX: true classifier-free guidance (> 1, with --negative-prompt; two transformer "
+        "calls per step).")] = None,
 ) -> None:
     """Generate for a prompt file and record BE maps and magnitudes per image."""
     from memlens.scan import run_scan
 
     set_threads(threads, device)
     res = run_scan(model, prompts, out, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
-                   batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
+                   batch_size=batch_size, height=height, width=width, dtype=dtype, device=device,
+                   negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
     if res.is_main_process:
         typer.echo(f"{res.status}: {res.num_records} images in {res.path}")
 
