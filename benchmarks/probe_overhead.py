@@ -2,6 +2,7 @@
 
     python benchmarks/probe_overhead.py                 # tiny SD1-like pipeline on CPU
     python benchmarks/probe_overhead.py --sd1-512       # SD1-shaped random weights at 512 px (use on a GPU)
+    python benchmarks/probe_overhead.py --family sd3    # tiny transformer pipelines: pixart, sd3, flux
 
 Prints the median of each, their ratio (target <= 1.05) and the bytes a record retains per image.
 """
@@ -16,6 +17,15 @@ import torch
 
 from memlens import BrightEndingProbe
 from memlens.testing import tiny_pipeline
+from memlens.testing_dit import tiny_dit_pipeline
+
+# Per tiny transformer family: image size (px) and the call arguments that give the probe an unconditional branch.
+# FLUX needs true CFG (a negative prompt and true_cfg_scale > 1), which is what its D/LD cost anyway.
+DIT_CALLS = {
+    "pixart": (256, dict(guidance_scale=4.5)),
+    "sd3": (64, dict(guidance_scale=7.0)),
+    "flux": (64, dict(true_cfg_scale=3.0)),
+}
 
 
 def sd1_shaped_pipeline(device: str, dtype: torch.dtype):
@@ -76,6 +86,7 @@ def _sync(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sd1-512", action="store_true", help="SD1-shaped random weights at 512x512")
+    parser.add_argument("--family", choices=("sd1", *DIT_CALLS), default="sd1", help="tiny pipeline family")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="prompts per call")
@@ -86,15 +97,26 @@ def main() -> None:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         pipe = sd1_shaped_pipeline(args.device, dtype)
         size, steps, batch = 512, args.steps or 50, args.batch or 4
+        call, label = dict(guidance_scale=7.5), "SD1-shaped 512px"
+    elif args.family != "sd1":
+        pipe = tiny_dit_pipeline(args.family).to(args.device)
+        size, call = DIT_CALLS[args.family]
+        steps, batch = args.steps or 50, args.batch or 8
+        label = f"tiny {args.family} {size}px"
     else:
         pipe = tiny_pipeline("sd1").to(args.device)
         size, steps, batch = 32, args.steps or 50, args.batch or 8
+        call, label = dict(guidance_scale=7.5), "tiny SD1-like 32px"
     prompts = [f"a photo of object number {i}" for i in range(batch)]
+    if args.family != "sd1":
+        prompts = [f"object {i}" for i in range(batch)]  # within the tiny CLIP tokenizers' 16 positions
+    if args.family == "flux":
+        call = dict(call, negative_prompt=[""] * batch)
 
     def generate(probed: bool):
         gen = torch.Generator(args.device).manual_seed(0)
-        kwargs = dict(num_inference_steps=steps, guidance_scale=7.5, generator=gen, height=size, width=size,
-                      output_type="latent")
+        kwargs = dict(num_inference_steps=steps, generator=gen, height=size, width=size, output_type="latent",
+                      **call)
         _sync(args.device)
         start, cpu_start = time.perf_counter(), time.process_time()
         if probed:
@@ -121,7 +143,7 @@ def main() -> None:
     # CPU seconds of this process: on a shared machine they move far less with other jobs' load than wall time.
     cpu_plain, cpu_probed = (statistics.median(t[1] for t in runs) for runs in (plain, probed))
     per_image = kept[0].nbytes
-    print(f"pipeline: {'SD1-shaped 512px' if args.sd1_512 else 'tiny SD1-like 32px'} on {args.device}, "
+    print(f"pipeline: {label} on {args.device}, "
           f"{batch} images x {steps} steps, {args.runs} interleaved runs each")
     print(f"median without probe: {med_plain:.3f} s")
     print(f"median with probe:    {med_probed:.3f} s")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from memlens import dit_layout as L
-from memlens import dit_reference as R
+import _dit_reference as R
 from memlens.testing_dit import tiny_dit_pipeline
 
 PROMPTS = ["a cat", "two dogs on a sofa"]

@@ -53,7 +53,7 @@ _PARAMS = {
     "threads", "method", "target", "max_iters", "repeat", "mask_steps", "l_target_ss", "l_target_pr", "mag_thres_pr",
     "noise_lambda", "per_memorized", "per_generic", "n_generic", "preset", "mask_normalize", "clip_model",
     "clip_pretrained", "max_side", "out", "trajectory", "per_prompt", "init_from", "filter", "schedule",
-    "pad_token", "end_contrastive", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
+    "pad_token", "end_contrastive", "negative_prompt", "true_cfg_scale", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
     "snr_gamma", "ema_decay", "checkpoint_every", "unet_heads", "unet_channels", "text_width", "text_layers",
     "factor", "probes", "masks", "screen", "screen_threshold",
 }
@@ -115,6 +115,12 @@ def scan_command(
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(
+        "--negative-prompt", help="Passed to the pipeline; with --true-cfg-scale it gives FLUX (guidance-distilled) "
+        "the unconditional branch D and LD need.")] = None,
+    true_cfg_scale: Annotated[Optional[float], typer.Option(
+        "--true-cfg-scale", help="FLUX: true classifier-free guidance (> 1, with --negative-prompt; two transformer "
+        "calls per step).")] = None,
     screen: Annotated[Optional[str], typer.Option(
         "--screen", help="Score every prompt first with a cheap detector (D_first_step or anisotropy: the first "
                          "UNet call only) and scan only those scoring >= --screen-threshold; scores in screen.jsonl.")
@@ -133,6 +139,8 @@ def scan_command(
 
         if screen_threshold is None:
             raise MemlensError("--screen needs --screen-threshold")
+        if negative_prompt is not None or true_cfg_scale is not None:
+            raise MemlensError("--screen does not take --negative-prompt or --true-cfg-scale yet")
         res, rows = run_screened_scan(model, prompts, out, screen=screen, screen_threshold=screen_threshold,
                                       num_images=num_images, steps=steps, guidance=guidance, seed=seed,
                                       batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
@@ -142,7 +150,8 @@ def scan_command(
             return
     else:
         res = run_scan(model, prompts, out, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
-                       batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
+                       batch_size=batch_size, height=height, width=width, dtype=dtype, device=device,
+                       negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
     if res.is_main_process:
         typer.echo(f"{res.status}: {res.num_records} images in {res.path}")
 

@@ -41,6 +41,8 @@ __all__ = [
     "image_grid",
     "guided_prediction",
     "step_index",
+    "step_timestep",
+    "latent_prediction",
 ]
 
 Family = Literal["pixart", "sd3", "flux"]
@@ -148,6 +150,9 @@ class TextSegment:
     length: int
     tokenizer_attr: str  # the pipeline attribute holding the tokenizer whose ids fill this segment
     end_token_id: int
+    # The __call__ argument whose text this tokenizer encodes when given (it falls back to `prompt`): SD3 encodes
+    # prompt_3 with T5 (pipeline_stable_diffusion_3.py:433), FLUX prompt_2 (pipeline_flux.py:360).
+    prompt_argument: str = "prompt"
 
 
 def _call_default(pipe, argument: str):
@@ -169,7 +174,7 @@ def text_segments(pipe, num_text: int) -> list[TextSegment]:
         return [TextSegment("t5", 0, num_text, "tokenizer", tok.eos_token_id)]
     if family == "flux":
         tok = pipe.tokenizer_2
-        return [TextSegment("t5", 0, num_text, "tokenizer_2", tok.eos_token_id)]
+        return [TextSegment("t5", 0, num_text, "tokenizer_2", tok.eos_token_id, "prompt_2")]
     clip_len = pipe.tokenizer_max_length
     if num_text < clip_len:
         raise MemlensError(f"SD3 text sequence of {num_text} tokens is shorter than its CLIP part ({clip_len})")
@@ -178,7 +183,9 @@ def text_segments(pipe, num_text: int) -> list[TextSegment]:
     # :247-256); they are part of the key sequence, but there is no </s> among them.
     segments = [TextSegment("clip", 0, clip_len, "tokenizer", pipe.tokenizer.eos_token_id)]
     if t5_tok is not None:
-        segments.append(TextSegment("t5", clip_len, num_text - clip_len, "tokenizer_3", t5_tok.eos_token_id))
+        segments.append(
+            TextSegment("t5", clip_len, num_text - clip_len, "tokenizer_3", t5_tok.eos_token_id, "prompt_3")
+        )
     return segments
 
 
@@ -190,7 +197,9 @@ def first_index(ids: Sequence[int], token_id: int) -> int:
     return len(ids) - 1
 
 
-def segment_input_ids(pipe, segment: TextSegment, prompts: Sequence[str]) -> list[list[int]]:
+def segment_input_ids(
+    pipe, segment: TextSegment, prompts: Sequence[str], clean_caption: bool | None = None
+) -> list[list[int]]:
     """The ids the segment's text encoder receives for `prompts`, tokenised exactly as the pipeline's encode_prompt.
 
     PixArt first lower-cases/strips the prompt in `_text_preprocessing`
@@ -200,20 +209,23 @@ def segment_input_ids(pipe, segment: TextSegment, prompts: Sequence[str]) -> lis
     tok = getattr(pipe, segment.tokenizer_attr)
     text = list(prompts)
     if family_of(pipe) == "pixart":
-        clean = _call_default(pipe, "clean_caption")
+        # The call's own clean_caption when known: with bs4 + ftfy installed it changes the ids.
+        clean = _call_default(pipe, "clean_caption") if clean_caption is None else clean_caption
         text = pipe._text_preprocessing(text, clean_caption=clean)
     return tok(
         text, padding="max_length", max_length=segment.length, truncation=True, add_special_tokens=True
     ).input_ids
 
 
-def end_token_positions(pipe, segment: TextSegment, prompts: Sequence[str]) -> list[int]:
+def end_token_positions(
+    pipe, segment: TextSegment, prompts: Sequence[str], clean_caption: bool | None = None
+) -> list[int]:
     """Per prompt, the end token's index in the transformer's TEXT sequence (segment.start included).
 
     CLIP: the first <|endoftext|> (SD3 CLIP-L and CLIP-G put it at the same position; CLIP-G pads with "!").
     T5: the first </s> (T5 has no BOS; it appends </s>, then pads with <pad>).
     """
-    ids = segment_input_ids(pipe, segment, prompts)
+    ids = segment_input_ids(pipe, segment, prompts, clean_caption)
     return [segment.start + first_index(row, segment.end_token_id) for row in ids]
 
 
@@ -342,19 +354,35 @@ def image_grid(family: Family, hidden_states: torch.Tensor, patch_size: int, img
     return height // patch_size, width // patch_size
 
 
+def step_timestep(pipe, timestep):
+    """The tensor that names the step of a transformer call: the call's own timestep, except for FLUX, which passes
+    ``timestep / 1000``, a fresh tensor (pipeline_flux.py:903), but keeps the loop's own ``t``, a view of the
+    scheduler's timesteps, in ``pipe._current_timestep`` (:894)."""
+    if family_of(pipe) == "flux":
+        return getattr(pipe, "_current_timestep", None)
+    return timestep
+
+
 def step_index(pipe, timestep: torch.Tensor) -> int | None:
     """The index in ``pipe.scheduler.timesteps`` of the step a transformer call belongs to; None if unknowable.
 
     Read from storage, not by counting calls (SD3 skip-layer guidance and FLUX true CFG make several calls per
     step). PixArt and SD3 pass ``t.expand(batch)``, a view of the scheduler's timesteps
-    (pipeline_pixart_alpha.py:917-929, pipeline_stable_diffusion_3.py:1069). FLUX passes ``timestep / 1000``, a
-    fresh tensor (pipeline_flux.py:903), but keeps the loop's own ``t`` in ``pipe._current_timestep`` (:894).
+    (pipeline_pixart_alpha.py:917-929, pipeline_stable_diffusion_3.py:1069); FLUX see `step_timestep`.
     """
-    if family_of(pipe) == "flux":
-        timestep = getattr(pipe, "_current_timestep", None)
-    timesteps = pipe.scheduler.timesteps
-    if not (torch.is_tensor(timestep) and torch.is_tensor(timesteps)) or timesteps.dim() != 1:
-        return None
-    if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
-        return None
-    return (timestep.storage_offset() - timesteps.storage_offset()) // timesteps.stride(0)
+    from memlens.unet_call import storage_step
+
+    return storage_step(step_timestep(pipe, timestep), pipe.scheduler.timesteps)
+
+
+def latent_prediction(pipe, output: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The guided part of the transformer's output as a latent (B, C, H, W). FLUX predicts packed 2x2 patches
+    (B, h*w, 4C); they are unpacked with the pipeline's own `_unpack_latents`, which takes the pixel size
+    (latent = 2 * (pixels // (vae_scale_factor * 2)), pipeline_flux.py:532-545)."""
+    layout = prediction_layout(pipe)
+    guided = guided_prediction(output, layout)
+    if not layout.packed:
+        return guided
+    h, w = grid
+    factor = pipe.vae_scale_factor
+    return pipe._unpack_latents(guided, 2 * h * factor, 2 * w * factor, factor)

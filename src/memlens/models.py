@@ -237,6 +237,10 @@ def _disable_safety_checker(pipe) -> None:
 
 
 def _family(pipe) -> str:
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        from memlens.dit_layout import family_of
+
+        return family_of(pipe)  # "pixart", "sd3" or "flux"
     if getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__:
         return "sdxl"
     tok = getattr(pipe, "tokenizer", None)
@@ -251,7 +255,10 @@ def _family(pipe) -> str:
 def pipeline_facts(pipe) -> dict[str, Any]:
     """What run.json records about the pipeline, and where scan takes its default image size from."""
     unet = getattr(pipe, "unet", None)
+    if unet is None:  # diffusion transformers; FLUX's transformer has no sample_size, its pipeline a default
+        unet = getattr(pipe, "transformer", None)
     sample = getattr(unet.config, "sample_size", None) if unet is not None else None
+    sample = sample or getattr(pipe, "default_sample_size", None)
     scale = getattr(pipe, "vae_scale_factor", None)
     if isinstance(sample, (list, tuple)):
         height, width = (int(s * scale) for s in sample) if scale else (None, None)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from memlens.unet_call import cfg_rows
 
-__all__ = ["guidance_difference", "energy", "magnitude", "difference_magnitude", "mask_to_latent", "first_eos"]
+__all__ = ["guidance_difference", "paired_difference", "energy", "magnitude", "difference_magnitude", "mask_to_latent", "first_eos"]
 
 
 def guidance_difference(eps: torch.Tensor, latent_channels: int) -> torch.Tensor:
@@ -30,7 +30,13 @@ def guidance_difference(eps: torch.Tensor, latent_channels: int) -> torch.Tensor
     the first C are noise. The subtraction runs in the model's dtype, as in the pipeline's own guidance line.
     """
     uncond, cond = cfg_rows(eps.shape[0])
-    return (eps[cond, :latent_channels] - eps[uncond, :latent_channels]).float()
+    return paired_difference(eps[cond], eps[uncond], latent_channels)
+
+
+def paired_difference(cond: torch.Tensor, uncond: torch.Tensor, latent_channels: int) -> torch.Tensor:
+    """eps_c - eps_u as float32 (n, C, H, W) from separately evaluated branches (n, C', H, W) each: FLUX's true CFG
+    evaluates them in two calls. For an epsilon model eps is noise; for a flow model it is the velocity."""
+    return (cond[:, :latent_channels] - uncond[:, :latent_channels]).float()
 
 
 def energy(diff: torch.Tensor) -> torch.Tensor:
@@ -52,12 +58,27 @@ def difference_magnitude(diff: torch.Tensor, mask: torch.Tensor | None = None) -
     return magnitude(energy(diff), mask)
 
 
-def mask_to_latent(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """BE maps (n, h, w) brought to the latent size (n, H, W): bilinear, align_corners=False, as the reference
-    does. Maps already at that size (SD 1.x/2.x's first block) are returned as they are."""
+MASK_RESIZES = ("bilinear", "patch")
+
+
+def mask_to_latent(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """BE maps (n, h, w) brought to the latent size (n, H, W). Maps already at that size (SD 1.x/2.x's first block)
+    are returned as they are.
+
+    ``"bilinear"`` (align_corners=False) is what the reference does for UNets. ``"patch"`` repeats each value over
+    the (H/h) x (W/w) latent pixels it covers: a transformer's image token is made from exactly one p x p patch of
+    the latent, so this is the token's own footprint (LD then equals a token-level computation).
+    """
     size = tuple(int(s) for s in size)
     if tuple(maps.shape[-2:]) == size:
         return maps
+    if mode == "patch":
+        fh, fw = size[0] // maps.shape[-2], size[1] // maps.shape[-1]
+        if (fh * maps.shape[-2], fw * maps.shape[-1]) != size:
+            raise ValueError(f"a {tuple(maps.shape[-2:])} token grid does not tile a {size} latent")
+        return maps.repeat_interleave(fh, dim=-2).repeat_interleave(fw, dim=-1)
+    if mode != "bilinear":
+        raise ValueError(f"mask resize must be one of {MASK_RESIZES}, got {mode!r}")
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 

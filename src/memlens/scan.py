@@ -44,6 +44,8 @@ _OPTION = {
     "width": "`width`",
     "dtype": "`dtype`",
     "probe": "`probe_options`",
+    "negative_prompt": "`negative_prompt`",
+    "true_cfg_scale": "`true_cfg_scale`",
 }
 
 
@@ -255,6 +257,8 @@ def run_scan(
     probe_factory: Optional[Callable] = None,
     kind: str = "scan",
     own_files: Sequence[str] = (),
+    negative_prompt: Optional[str] = None,
+    true_cfg_scale: Optional[float] = None,
 ) -> ScanResult:
     """Scan `prompts` with a pipeline (or a MODEL string for `memlens.models.load_pipeline`) into `out_dir`.
 
@@ -265,11 +269,17 @@ def run_scan(
     Resumes an interrupted scan of the same settings; refuses a folder holding a scan of other settings, a run of
     another `kind` or unrelated files (checked before the model loads; `own_files` are names a caller such as the
     demo keeps in the folder besides the scan's own).
+    `negative_prompt` and `true_cfg_scale` go to every pipeline call when set (FLUX's true CFG: without it a
+    guidance-distilled model has no unconditional branch and the probe refuses D/LD).
     """
     from memlens.models import pipeline_facts
 
     _check_positive(steps=steps, batch_size=batch_size, height=height, width=width)
     _check_guidance(guidance)
+    if true_cfg_scale is not None and not true_cfg_scale > 1:
+        raise InputError(f"`true_cfg_scale` must be > 1 (1 means no unconditional branch), got {true_cfg_scale}")
+    extra_call = {k: v for k, v in (("negative_prompt", negative_prompt), ("true_cfg_scale", true_cfg_scale))
+                  if v is not None}
     records = resolve_prompts(prompts)
     counts = images_per_prompt(num_images, len(records))
     out = rundir.check_output(out_dir, kind, own=own_files)
@@ -296,6 +306,7 @@ def run_scan(
         "width": width,
         "dtype": facts["dtype"],
         "probe": dict(sorted((probe_options or {}).items())),
+        **extra_call,
         "batch_size": batch_size,  # recorded, not compared: it does not change the images
     }
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from disk
@@ -345,7 +356,8 @@ def run_scan(
             bar = _progress_bar(len(items) if single else todo_mine, already if single else 0,
                                 progress and state.is_main_process, state.num_processes)
             for batch in mine:
-                lines = _run_batch(pipe, probe, pool, batch, done, records, out, steps, guidance, height, width)
+                lines = _run_batch(pipe, probe, pool, batch, done, records, out, steps, guidance, height, width,
+                                   extra_call)
                 log_file.append(lines)
                 bar.update(len(lines))
             bar.close()
@@ -377,7 +389,8 @@ def _progress_bar(total: int, initial: int, enabled: bool, processes: int):
                 file=sys.stderr)
 
 
-def _run_batch(pipe, probe, pool, batch, done, records, out: Path, steps, guidance, height, width) -> list[Generation]:
+def _run_batch(pipe, probe, pool, batch, done, records, out: Path, steps, guidance, height, width,
+               extra_call: Optional[dict] = None) -> list[Generation]:
     import torch
 
     # CPU generators: the same seed gives the same starting noise on any device.
@@ -392,6 +405,7 @@ def _run_batch(pipe, probe, pool, batch, done, records, out: Path, steps, guidan
             generator=gens,
             height=height,
             width=width,
+            **(extra_call or {}),
         )
     except ValueError as err:
         if not _raised_in(err, "check_inputs"):

@@ -14,8 +14,8 @@ import torch
 
 from memlens.errors import MemlensError
 
-__all__ = ["sample_and_timestep", "prediction", "with_prediction", "step_index", "cfg_rows", "read_rows",
-           "paired_rows", "select_rows"]
+__all__ = ["sample_and_timestep", "prediction", "with_prediction", "step_index", "storage_step", "cfg_rows",
+           "read_rows", "paired_rows", "select_rows"]
 
 
 def sample_and_timestep(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
@@ -39,16 +39,37 @@ def with_prediction(output, new: torch.Tensor):
     return type(output)(sample=new)
 
 
-def step_index(timestep, timesteps: torch.Tensor, after: int = -1) -> int:
-    """Position of the UNet's `timestep` in the scheduler's `timesteps`, never a count of calls.
+def storage_step(timestep, timesteps) -> int | None:
+    """The index of the element of `timesteps` that `timestep` is a view of; None if it is not one.
 
-    The pipelines pass an element of ``scheduler.timesteps`` itself, so its storage offset is the index, and repeated
-    values (PLMS repeats one) stay distinct. A copy is matched by value at the first position after `after`.
+    UNet pipelines pass the element itself (0-d); PixArt and SD3 pass ``t.expand(batch)``, every entry aliasing the
+    one element (stride 0), so the storage offset names the step in both cases.
     """
-    if torch.is_tensor(timestep) and timestep.numel() == 1 and timestep.dim() == 0:
-        same_storage = timestep.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
-        if same_storage and timesteps.dim() == 1 and timesteps.stride(0) != 0:
-            return (timestep.storage_offset() - timesteps.storage_offset()) // timesteps.stride(0)
+    if not (torch.is_tensor(timestep) and torch.is_tensor(timesteps)) or timestep.numel() == 0:
+        return None
+    if timesteps.dim() != 1 or timesteps.stride(0) == 0:
+        return None
+    if any(stride != 0 for stride, size in zip(timestep.stride(), timestep.shape) if size > 1):
+        return None
+    if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
+        return None
+    offset = timestep.storage_offset() - timesteps.storage_offset()
+    if offset % timesteps.stride(0) or not 0 <= offset // timesteps.stride(0) < len(timesteps):
+        return None
+    return offset // timesteps.stride(0)
+
+
+def step_index(timestep, timesteps: torch.Tensor, after: int = -1) -> int:
+    """Position of the denoiser's `timestep` in the scheduler's `timesteps`, never a count of calls.
+
+    The pipelines pass an element of ``scheduler.timesteps`` itself (or an expanded view of it), so its storage
+    offset is the index, and repeated values (PLMS repeats one) stay distinct. A copy is matched by value at the
+    first position after `after`. FLUX passes a fresh t / 1000: give it ``pipe._current_timestep`` instead
+    (`memlens.dit_layout.step_timestep`).
+    """
+    step = storage_step(timestep, timesteps)
+    if step is not None:
+        return step
     value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
     values = timesteps.detach().cpu().double().tolist()
     for i in range(max(after + 1, 0), len(values)):

@@ -149,12 +149,15 @@ _MASK_MODES = ("eot", "padding", "eot+padding")
 
 def end_token_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """Position of the first end token in each row, (B,) long. A row without one is an error naming the row."""
+    from memlens.quantities import first_eos
+
     ids = torch.as_tensor(input_ids)
-    is_eos = ids == eos_token_id
-    missing = (~is_eos.any(dim=1)).nonzero().flatten().tolist()
+    pos = first_eos(ids, eos_token_id)
+    # first_eos falls back to the last position for a row without one; masking that would hide a real token.
+    missing = (ids.gather(1, pos[:, None])[:, 0] != eos_token_id).nonzero().flatten().tolist()
     if missing:
         raise ValueError(f"row {missing[0]} of input_ids has no end token (id {eos_token_id})")
-    return is_eos.int().argmax(dim=1)
+    return pos
 
 
 def end_token_mask(input_ids: torch.Tensor, eos_token_id: int, mode: str = "eot") -> torch.Tensor:
