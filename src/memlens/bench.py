@@ -1,8 +1,8 @@
 """`memlens bench`: every localizer and detector of the field on the same generations, in one generation pass.
 
 One pipeline call per batch does all the work:
-- two `BrightEndingProbe`s (end token, and the padding after it; they share the capture processors) record the BE
-  maps, D and LD per step, and keep the per-step energy maps (`keep_energy=True`), which give the score-difference
+- three `BrightEndingProbe`s (end token; the padding after it; the end token on the outer blocks; they share the
+  capture processors) record the BE maps, D and LD per step, and keep the per-step energy maps (`keep_energy=True`), which give the score-difference
   map for free;
 - `FieldHooks`, a forward hook on the UNet registered after the probes, reads the step from the scheduler
   (`unet_call.step_index`) and, on the generation's own inputs, adds at the first step the anisotropy cosine term's
@@ -40,7 +40,7 @@ from memlens.errors import InputError
 
 __all__ = ["LOCALIZERS", "DETECTORS", "BenchSettings", "run_bench", "leaderboard", "QUICK"]
 
-LOCALIZERS = ("be", "be_padding", "score_difference", "curvature_difference", "be_x_score_difference")
+LOCALIZERS = ("be", "be_padding", "be_outer", "score_difference", "curvature_difference", "be_x_score_difference")
 DETECTORS = ("D", "D_first_step", "D_first_10", "LD", "anisotropy", "sharpness")
 LEADERBOARD = "leaderboard.json"
 FIRST_K = 10
@@ -272,16 +272,17 @@ def _generate(pipe, items: list[Item], s: BenchSettings, progress: bool):
         batch = items[start:start + s.batch_size]
         eos_probe = BrightEndingProbe(pipe, keep_energy=True)
         pad_probe = BrightEndingProbe(pipe, token="padding")
+        outer_probe = BrightEndingProbe(pipe, layers="outer")
         hooks = FieldHooks(pipe, probes=s.probes, seed=s.seed + start)
         t0 = time.perf_counter()
-        with eos_probe, pad_probe, hooks:
+        with eos_probe, pad_probe, outer_probe, hooks:
             gens = [torch.Generator().manual_seed(it.seed) for it in batch]
             out = pipe([it.prompt for it in batch], generator=gens, output_type="np", **kwargs)
         total = time.perf_counter() - t0
         if progress:
             print(f"bench: {start + len(batch)}/{len(items)} images", flush=True)
         images = (np.clip(np.asarray(out.images), 0, 1) * 255).round().astype(np.uint8)
-        yield batch, images, eos_probe.records, pad_probe.records, hooks, total
+        yield batch, images, eos_probe.records, pad_probe.records, outer_probe.records, hooks, total
 
 
 def _method_costs(steps: int, probes: int, timing: dict) -> dict:
@@ -300,6 +301,7 @@ def _method_costs(steps: int, probes: int, timing: dict) -> dict:
     return {
         "be": dict(full, breakdown=f"the generation's {2 * T} evaluations; map read at the last step"),
         "be_padding": dict(full, breakdown="as be (same generation and capture)"),
+        "be_outer": dict(full, breakdown="as be, read on the first down and the last up block with cross-attention"),
         "score_difference": dict(full, breakdown="the probe's last-step energy map / sigma_t^2; no extra work"),
         "be_x_score_difference": dict(full, breakdown="the BE map (bilinear to latent size) x the score difference"),
         "curvature_difference": {
@@ -398,7 +400,7 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
     gen_s, n_images = 0.0, 0
     extra_s = {"anisotropy": 0.0, "sharpness": 0.0, "curvature_difference": 0.0}
     steps_used = None
-    for batch, images, eos_recs, pad_recs, hooks, total in _generate(pipe, items, s, progress):
+    for batch, images, eos_recs, pad_recs, outer_recs, hooks, total in _generate(pipe, items, s, progress):
         nb = len(batch)
         extra = sum(hooks.extra_seconds.values())
         gen_s += total - extra
@@ -422,7 +424,8 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
             # absolute size says whether anything there is memorized at all (BE maps are attention, on the same
             # scale for a copy and for a novel image).
             be_latent = quantities.mask_to_latent(torch.from_numpy(rec.be_map)[None], score_diff.shape)[0].numpy()
-            maps = {"be": rec.be_map, "be_padding": pad.be_map, "score_difference": score_diff.astype(np.float32),
+            maps = {"be": rec.be_map, "be_padding": pad.be_map, "be_outer": outer_recs[i].be_map,
+                    "score_difference": score_diff.astype(np.float32),
                     "curvature_difference": hooks.scores["curvature_difference"][i].astype(np.float32),
                     "be_x_score_difference": (be_latent * score_diff).astype(np.float32)}
             arrays = {f"map_{k}": v for k, v in maps.items()}
