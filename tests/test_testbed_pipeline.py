@@ -1,5 +1,7 @@
 """The organism pipeline: stock-diffusers compatible, round-trips through save/from_pretrained, ships offline."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,32 @@ def test_recommended_defaults_are_used_and_match_the_shipped_folder(tiny):
          callback_on_step_end=lambda pipe, i, t, kw: seen.append((int(t), pipe.guidance_scale)) or kw)
     assert len(seen) == tiny.config.default_num_inference_steps == DEFAULT_STEPS
     assert {g for _, g in seen} == {DEFAULT_GUIDANCE} and seen[-1][0] == 1
+
+
+def test_shipped_organisms_by_name():
+    from memlens.errors import InputError
+    from memlens.models import load_pipeline as load_model
+    from memlens.testbed.items import load_ground_truth
+    from memlens.testbed.pipeline import EOS, PAD, SHIPPED, WEIGHTS_DIR
+
+    assert SHIPPED["testbed"] == SHIPPED["testbed-v1"] == WEIGHTS_DIR
+    v1, v2 = load_pipeline("testbed-v1"), load_model("testbed-v2")
+    # v1 pads with a token of its own and trained its text encoder with the UNet; v2 pads with the end token (SD
+    # v1's layout) and carries the CLIP-pretrained, frozen text encoder.
+    assert v1.tokenizer.pad_token == PAD and v2.tokenizer.pad_token == EOS
+    assert [it.group for it in load_ground_truth(SHIPPED["testbed-v2"]).items] == [
+        "astronaut", "coffee", "chelsea", "retina", "logo", "coins", "clock", "colorwheel", "checker", "camera"]
+    meta = json.loads((SHIPPED["testbed-v2"] / "organism.json").read_text())
+    assert meta["clip_config"]["pad_token"] == "eos" and meta["train_config"]["steps"] == meta["final_step"]
+    with pytest.raises(InputError, match="testbed-v9: not a shipped organism"):
+        load_model("testbed-v9")
+
+
+def test_demo_runs_on_the_v2_organism_by_name(tmp_path):
+    from memlens.testbed.demo import run_demo
+
+    s = run_demo(tmp_path / "d", organism="testbed-v2", per_memorized=1, per_generic=1, n_generic=2, steps=3,
+                 progress=False).summary
+    assert s["settings"]["model"].endswith("weights_v2")
+    n_local = sum(r["kind"] == "local" for r in s["generations"])
+    assert n_local == 6 and len(s["generations"]) == 12

@@ -276,7 +276,8 @@ def report_command(
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the scan, ground truth, summary.json, report.html.")],
     model: Annotated[Optional[Path], typer.Option(
-        "--model", help="Organism folder (with ground_truth/); default: the one shipped in memlens.")] = None,
+        "--model", help="Organism folder (with ground_truth/), or a shipped one: testbed (v1, the default) or "
+        "testbed-v2 (docs/organism.md).")] = None,
     per_memorized: Annotated[int, typer.Option("--per-memorized", min=1, help="Images per memorized prompt.")] = 8,
     per_generic: Annotated[int, typer.Option("--per-generic", min=1, help="Images per generic prompt.")] = 2,
     n_generic: Annotated[int, typer.Option("--n-generic", min=1, help="Generic prompts (from the organism).")] = 64,

@@ -51,7 +51,7 @@ def _looks_like_path(model: str) -> bool:
 
 def model_identity(model: str) -> str:
     """A stable name for MODEL in run.json: local folders become absolute paths so `./m` and `/abs/m` agree."""
-    if model == TESTBED:
+    if model == TESTBED or model.startswith(TESTBED + "-"):
         return model
     path = Path(model).expanduser()
     if path.exists() or _looks_like_path(model):
@@ -64,8 +64,8 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu"):
     torch_dtype = resolve_dtype(dtype)
     dev = _resolve_device(device)
     with _quiet_libraries():
-        if model == TESTBED:
-            pipe = _load_testbed()
+        if model == TESTBED or model.startswith(TESTBED + "-"):
+            pipe = _load_testbed(model)
         else:
             path = Path(model).expanduser()
             if path.exists():
@@ -105,7 +105,7 @@ def _quiet_libraries():
             (lib.enable_progress_bar if bars else lib.disable_progress_bar)()
 
 
-def _load_testbed():
+def _load_testbed(name: str = TESTBED):
     try:
         import memlens.testbed as testbed
     except ImportError as err:
@@ -116,7 +116,11 @@ def _load_testbed():
             from memlens.testbed.pipeline import load_pipeline as loader
         except ImportError as err:
             raise InputError(f"`model` testbed: the model organism is not available in this install ({err})") from None
-    return loader()
+    from memlens.testbed.pipeline import SHIPPED
+
+    if name not in SHIPPED:
+        raise InputError(f"`model` {name}: not a shipped organism; expected one of {', '.join(SHIPPED)}")
+    return loader(name)
 
 
 def _dtype_kwarg(torch_dtype) -> dict:

@@ -113,12 +113,12 @@ def run_demo(out_dir: str | Path, organism: str | Path | None = None, *, per_mem
     """Scan the organism's prompts into `out_dir`, write its ground truth, evaluate, report; see the module doc."""
     from memlens import rundir
     from memlens.scan import _check_positive, run_scan
-    from memlens.testbed.pipeline import WEIGHTS_DIR, load_pipeline
+    from memlens.testbed.pipeline import load_pipeline, organism_path
 
     t0 = time.time()
     _check_positive(per_memorized=per_memorized, per_generic=per_generic, n_generic=n_generic, steps=steps,
                     batch_size=batch_size)
-    organism = Path(organism) if organism is not None else Path(WEIGHTS_DIR)
+    organism = organism_path(organism)
     out = rundir.check_output(out_dir, "demo", own=OWN_FILES)
     if not (organism / "model_index.json").is_file():
         raise InputError(f"{organism}: no model_index.json; expected an organism folder written by "

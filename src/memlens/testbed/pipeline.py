@@ -32,7 +32,16 @@ BOS, EOS, UNK, PAD = "<|startoftext|>", "<|endoftext|>", "<|unk|>", "<|pad|>"
 # What fills the ids after the end token: "eos" repeats the end token (SD v1's CLIP tokenizer), "pad" uses a token of
 # its own (as SD v2's tokenizer pads with "!"), so the end token is the only EOS in the sequence.
 PAD_CHOICES = ("eos", "pad")
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # the default organism (v1)
+# Shipped organisms by name, for `--model` and `load_pipeline`: v1 (the default) and v2 (docs/organism.md).
+SHIPPED = {"testbed": WEIGHTS_DIR, "testbed-v1": WEIGHTS_DIR, "testbed-v2": Path(__file__).parent / "weights_v2"}
+
+
+def organism_path(organism: str | Path | None) -> Path:
+    """A shipped organism's folder by name (`SHIPPED`), or the given folder; None is the default organism."""
+    if organism is None:
+        return WEIGHTS_DIR
+    return SHIPPED.get(str(organism), Path(organism))
 
 # Recommended sampling settings for the shipped organism, chosen on a sweep (docs/organism.md, Stages 5 and 6):
 # guidance 7.5 (SD's default) over-guides a model this small, and above 1.5 classifier-free guidance pushes samples
@@ -181,8 +190,8 @@ def build_pipeline(tokenizer, resolution: int = 32, text_width: int = 128, text_
 
 def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> OrganismPipeline:
-    """Load an organism (default: the one shipped in the package), offline."""
-    path = Path(path) if path is not None else WEIGHTS_DIR
+    """Load an organism offline: a folder, a shipped one by name (`SHIPPED`), or by default the shipped v1."""
+    path = organism_path(path)
     if not (path / "model_index.json").is_file():
         from memlens.errors import InputError
 
