@@ -340,7 +340,8 @@ def run_bench(out_dir: str | Path, *, model: str | Any = "testbed", prompts: str
               device: str = "cpu", progress: bool = True) -> dict:
     """Run every method on one set of generations and write the leaderboard to `out_dir`; returns the leaderboard.
 
-    `model="testbed"` (or an organism folder holding `ground_truth/`) takes prompts, labels, types and masks from the
+    `model="testbed"` (or another shipped organism's name, `testbed.pipeline.SHIPPED`, or an organism folder holding
+    `ground_truth/`) takes prompts, labels, types and masks from the
     organism's ground truth; a local item's mask is then used only for generations that reproduce the item (as
     `memlens demo`). Any other model needs `prompts`: a prompt file with 0/1 labels (and types), plus optionally
     `masks`, a folder of `<index>.png` (or `<prompt_index>.png`) masks for memorized prompts.
@@ -349,10 +350,10 @@ def run_bench(out_dir: str | Path, *, model: str | Any = "testbed", prompts: str
     s.check()
     out = _resolve_out(Path(out_dir))
     organism = None
-    if isinstance(model, str) and (model == "testbed" or (Path(model) / "ground_truth").is_dir()):
-        from memlens.testbed.pipeline import WEIGHTS_DIR
+    from memlens.testbed.pipeline import SHIPPED
 
-        organism = Path(WEIGHTS_DIR) if model == "testbed" else Path(model)
+    if isinstance(model, str) and (model in SHIPPED or (Path(model) / "ground_truth").is_dir()):
+        organism = Path(SHIPPED.get(model, model))
         if prompts is not None:
             raise InputError("`prompts` is only for other models: the organism's ground truth gives its prompts")
         items, groups = _organism_items(organism, s)
@@ -453,7 +454,7 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
     rundir.atomic_write_bytes(tmp / "generations.jsonl",
                               "".join(json.dumps(rundir.jsonable(r)) + "\n" for r in rows).encode())
     board = leaderboard(tmp, costs=_method_costs(steps_used, s.probes, timing))
-    board["settings"] = {**s.__dict__, "steps": steps_used, "model": "testbed" if model == "testbed" else str(model),
+    board["settings"] = {**s.__dict__, "steps": steps_used, "model": str(model),
                          "timing_per_image_s": timing}
     rundir.write_json(tmp / LEADERBOARD, board)
     rundir.atomic_write_bytes(tmp / "leaderboard.md", format_markdown(board).encode())

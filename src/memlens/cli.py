@@ -305,8 +305,8 @@ def demo_command(
 def bench_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for leaderboard.json/.md/.html and per-generation maps.")],
     model: Annotated[str, typer.Option(
-        "--model", help="'testbed' (the shipped organism and its ground truth), an organism folder, or any model "
-                        "with --prompts.")] = "testbed",
+        "--model", help="'testbed' (the shipped organism and its ground truth; 'testbed-v2' the other shipped one), "
+                        "an organism folder, or any model with --prompts.")] = "testbed",
     prompts: Annotated[Optional[Path], typer.Option(
         "--prompts", help="Prompt file with 0/1 labels and types (models other than the organism).")] = None,
     masks: Annotated[Optional[Path], typer.Option(
