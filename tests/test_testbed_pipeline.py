@@ -1,6 +1,7 @@
 """The organism pipeline: stock-diffusers compatible, round-trips through save/from_pretrained, ships offline."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,13 @@ def test_demo_runs_on_the_v2_organism_by_name(tmp_path):
     assert s["settings"]["model"].endswith("weights_v2")
     n_local = sum(r["kind"] == "local" for r in s["generations"])
     assert n_local == 6 and len(s["generations"]) == 12
+
+
+def test_shipped_folders_carry_the_vae_module_itself():
+    """Stock diffusers runs the copy in vae/; it must be memlens' module byte for byte, not a drifting fork."""
+    from memlens.testbed import pixel_shuffle_vae
+    from memlens.testbed.pipeline import SHIPPED
+
+    source = Path(pixel_shuffle_vae.__file__).read_bytes()
+    for folder in set(SHIPPED.values()):
+        assert (folder / "vae" / "pixel_shuffle_vae.py").read_bytes() == source, folder

@@ -152,21 +152,22 @@ def _record(row: dict, where: str, default_label: int | None, type_key: str) -> 
     paraphrases = sorted(
         ((int(m.group(1)), k) for k in row if (m := _PARAPHRASE.match(str(k)))),
     )
-    captions = [str(row[k]) for _, k in paraphrases if _present(row[k])]
+    captions = [str(row[k]) for _, k in paraphrases if has_value(row[k])]
 
     used = {prompt_key, *(k for _, k in paraphrases)}
     used.update(lower[k] for k in ("label", "index", type_key.lower()) if k in lower)
     return PromptRecord(
         prompt=prompt.strip(),
         label=default_label if label is None else label,
-        type=str(type_) if _present(type_) else None,
+        type=str(type_) if has_value(type_) else None,
         index=index,
         captions=captions,
         extra={k: v for k, v in row.items() if k not in used},
     )
 
 
-def _present(value: Any) -> bool:
+def has_value(value: Any) -> bool:
+    """False for a missing cell: None, NaN, or a blank string (how CSV, JSONL and parquet leave one empty)."""
     if value is None:
         return False
     if isinstance(value, float) and math.isnan(value):
@@ -175,7 +176,7 @@ def _present(value: Any) -> bool:
 
 
 def _label(value: Any, where: str) -> int | None:
-    if not _present(value):
+    if not has_value(value):
         return None
     if isinstance(value, bool):
         return int(value)
@@ -187,7 +188,7 @@ def _label(value: Any, where: str) -> int | None:
 
 
 def _index(value: Any) -> str | int | None:
-    if not _present(value):
+    if not has_value(value):
         return None
     if isinstance(value, bool):
         return str(value)

@@ -85,22 +85,10 @@ def _t5_encoder(tokenizer, d_model: int, seed: int):
 
 
 def _clip_encoder(tokenizer, hidden: int, seed: int, projection_dim: int | None = None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from memlens.testing import _text_encoder
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=projection_dim or hidden,
-    )
-    cls = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
-    return _seeded(seed, lambda: cls(config).eval())
+    # memlens.testing's builder seeds the global RNG itself; _seeded keeps that inside fork_rng.
+    return _seeded(seed, lambda: _text_encoder(tokenizer, hidden, projection_dim, seed))
 
 
 def _vae(levels: int, seed: int, latent_channels: int = 4, **config):

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from memlens.errors import InputError
+from memlens.prompts import has_value
 
 __all__ = [
     "KINDS",
@@ -118,14 +119,6 @@ class WebsterReport:
 # --- reading rows --------------------------------------------------------------------------------------------------
 
 
-def _present(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, float) and math.isnan(value):
-        return False
-    return not (isinstance(value, str) and not value.strip())
-
-
 def _rows(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, row) for every data row; `where` reads like "labels.jsonl row 3" (1-based data rows)."""
     suffix = path.suffix.lower()
@@ -188,7 +181,7 @@ def _as_list(value: Any, where: str, column: str) -> list:
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         return list(value)
-    if not _present(value):
+    if not has_value(value):
         return []
     if isinstance(value, str):  # CSV cells hold the JSON text of a list
         try:
@@ -235,7 +228,7 @@ def _template_indices(value: Any, where: str) -> list[int]:
 
 
 def _index(value: Any) -> int | str | None:
-    if not _present(value):
+    if not has_value(value):
         return None
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
@@ -277,17 +270,17 @@ def load_templates(metadata: str | os.PathLike, report: WebsterReport | None = N
             if missing:
                 raise InputError(f"{metadata}: missing column(s) {missing}; found {sorted(row)}")
         for column in ("img_file", "mask_file"):
-            if _present(row[column]) and not isinstance(row[column], str):
+            if has_value(row[column]) and not isinstance(row[column], str):
                 raise InputError(f"{where}: column {column!r} must be a file path, found {row[column]!r}")
-        mask = _resolve(row["mask_file"], metadata) if _present(row["mask_file"]) else None
+        mask = _resolve(row["mask_file"], metadata) if has_value(row["mask_file"]) else None
         if mask is None:
             report._dead("template_mask_missing", f"{where}: mask file {row['mask_file']!r} not found")
             continue
-        image = _resolve(row["img_file"], metadata) if _present(row["img_file"]) else None
-        if _present(row["img_file"]) and image is None:
+        image = _resolve(row["img_file"], metadata) if has_value(row["img_file"]) else None
+        if has_value(row["img_file"]) and image is None:
             report._dead("template_image_missing", f"{where}: image file {row['img_file']!r} not found")
             continue
-        url = row["url"] if _present(row["url"]) else None
+        url = row["url"] if has_value(row["url"]) else None
         out[row_number] = Template(row=row_number, mask=mask, image=image, url=url)
     return out
 
@@ -354,7 +347,7 @@ def load_webster(
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{where}: column {prompt_key!r} must be a non-empty caption, found {prompt!r}")
         type_key = _column(data, _TYPE_KEYS)
-        raw = data[type_key] if type_key is not None and _present(data[type_key]) else None
+        raw = data[type_key] if type_key is not None and has_value(data[type_key]) else None
         if raw is None and default is None:
             raise InputError(f"{where}: no memorization type (column 'overfit_type' or 'type'); pass default_kind")
         kind = canonical_kind(raw, f"{where}: column {type_key!r}") if raw is not None else default
@@ -362,7 +355,7 @@ def load_webster(
         item = WebsterItem(
             row=row, prompt=prompt.strip(), kind=kind, raw_type=None if raw is None else str(raw),
             index=_index(data[index_key]) if (index_key := _column(data, ("index",))) is not None else None,
-            url=data[url_key] if url_key is not None and _present(data[url_key]) else None,
+            url=data[url_key] if url_key is not None and has_value(data[url_key]) else None,
         )
         seed_key = _column(data, ("gen_seeds",))
         if seed_key is not None:
