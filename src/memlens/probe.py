@@ -352,15 +352,19 @@ class BrightEndingProbe(capture.AttentionSink):
         call.latent_hw = (sample.shape[-2], sample.shape[-1])
         call.latent_channels = sample.shape[1]
         if call.capture_now:
-            replaced = self._installed.replaced_layers()
-            if replaced:
-                raise MemlensError(
-                    "the probe's attention processors were replaced during the run (e.g. by "
-                    f"enable_attention_slicing or set_attn_processor) on {', '.join(replaced)}; attach the probe "
-                    "after changing processors"
-                )
-            call.seen_layers = set()
-            call.expect_layers = set(self.layer_names)
+            self._expect_capture(call)
+
+    def _expect_capture(self, call: _Call) -> None:
+        """At a captured step: our processors must still be installed, and every probed layer must then report."""
+        replaced = self._installed.replaced_layers()
+        if replaced:
+            raise MemlensError(
+                "the probe's attention processors were replaced during the run (e.g. by "
+                f"enable_attention_slicing or set_attn_processor) on {', '.join(replaced)}; attach the probe "
+                "after changing processors"
+            )
+        call.seen_layers = set()
+        call.expect_layers = set(self.layer_names)
 
     def _after_unet(self, module, args, kwargs, output):
         call = self._call
@@ -530,15 +534,7 @@ class BrightEndingProbe(capture.AttentionSink):
         call.capture_now = rows is not None and step in {s % n_steps for s in self.steps}
         call.columns.wanted = rows
         if call.capture_now:
-            replaced = self._installed.replaced_layers()
-            if replaced:
-                raise MemlensError(
-                    "the probe's attention processors were replaced during the run (e.g. by "
-                    f"enable_attention_slicing or set_attn_processor) on {', '.join(replaced)}; attach the probe "
-                    "after changing processors"
-                )
-            call.seen_layers = set()
-            call.expect_layers = set(self.layer_names)
+            self._expect_capture(call)
 
     def _after_transformer(self, call: _Call, output):
         role = call.role
