@@ -220,10 +220,10 @@ def pretrain_clip(data_dir: str | Path, out_dir: str | Path, config: ClipConfig 
     if step >= config.steps:
         text_encoder.eval()
         head.eval()
-        from memlens.rundir import atomic_write_dir
+        from memlens.rundir import atomic_write_dir, write_json
 
         atomic_write_dir(out / "text_encoder", lambda d: text_encoder.save_pretrained(str(d)))
-        (out / "retrieval.json").write_text(json.dumps(_retrieval(text_encoder, head, data, ids), indent=1))
+        write_json(out / "retrieval.json", _retrieval(text_encoder, head, data, ids))
     return out
 
 

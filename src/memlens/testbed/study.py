@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlens.errors import InputError
+from memlens.rundir import atomic_write_bytes, write_json
 
 STUDY_CONFIG = "study_config.json"
 
@@ -135,8 +136,8 @@ def run_study(data_dir: str | Path, out_dir: str | Path, config: StudyConfig | N
         raise InputError(f"{out}: not empty and not a study folder (no {STUDY_CONFIG})")
     out.mkdir(parents=True, exist_ok=True)
     if not cfg_path.is_file():
-        cfg_path.write_text(json.dumps({"clip_steps": config.clip_steps, "steps": config.steps,
-                                        "data": str(data_dir)}, indent=1))
+        write_json(cfg_path, ({"clip_steps": config.clip_steps, "steps": config.steps,
+                                        "data": str(data_dir)}))
     for layout in config.layouts:
         for seed in config.seeds:
             run_dir = out / f"{layout}_s{seed}"
@@ -150,7 +151,7 @@ def run_study(data_dir: str | Path, out_dir: str | Path, config: StudyConfig | N
                 if old.is_file():  # keep what an earlier pass measured (its timings, its scores)
                     prev = json.loads(old.read_text())
                     row = {**prev, **row, "eval": {**prev.get("eval", {}), **row["eval"]}}
-                (run_dir / "row.json").write_text(json.dumps(row, indent=1, default=float))
+                write_json(run_dir / "row.json", row)
             _write_tables(out)
     return {"runs": _rows(out)}
 
@@ -178,8 +179,8 @@ def _rows(out: Path) -> list[dict]:
 
 def _write_tables(out: Path) -> None:
     rows = _rows(out)
-    (out / "study.json").write_text(json.dumps({"runs": rows}, indent=1, default=float))
-    (out / "study.md").write_text(format_table(rows))
+    write_json(out / "study.json", {"runs": rows})
+    atomic_write_bytes(out / "study.md", format_table(rows).encode())
 
 
 def _f(x) -> str:
