@@ -136,8 +136,7 @@ def run_study(data_dir: str | Path, out_dir: str | Path, config: StudyConfig | N
         raise InputError(f"{out}: not empty and not a study folder (no {STUDY_CONFIG})")
     out.mkdir(parents=True, exist_ok=True)
     if not cfg_path.is_file():
-        write_json(cfg_path, ({"clip_steps": config.clip_steps, "steps": config.steps,
-                                        "data": str(data_dir)}))
+        write_json(cfg_path, {"clip_steps": config.clip_steps, "steps": config.steps, "data": str(data_dir)})
     for layout in config.layouts:
         for seed in config.seeds:
             run_dir = out / f"{layout}_s{seed}"
