@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memlens.errors import InputError
+from memlens.errors import InputError, MemlensError
 from memlens.scan import image_seed, run_scan
 from memlens.testing import tiny_pipeline
 
@@ -444,3 +444,16 @@ def test_threads_default_to_one_on_cpu_and_follow_the_option(model_folder, promp
     finally:
         torch.set_num_threads(1)
     assert seen == [1, 2]
+
+
+def test_layers_and_token_flags_become_probe_options():
+    from memlens.cli import probe_options
+
+    assert probe_options(None, "eos") == {}  # the defaults add nothing, so older runs resume unchanged
+    assert probe_options("all", "eos+padding") == {"layers": "all", "token": "eos+padding"}
+    assert probe_options("down_blocks.0, up_blocks.2", "3") == {"layers": ["down_blocks.0", "up_blocks.2"],
+                                                                "token": 3}
+    with pytest.raises(MemlensError, match="--token 'end'"):
+        probe_options(None, "end")
+    with pytest.raises(MemlensError, match="--layers"):
+        probe_options(" , ", "eos")
