@@ -276,7 +276,7 @@ def on_one_grid(per_layer: list[torch.Tensor], grid_of: Callable[[int], tuple[in
     number of queries: every attention query counts once, so layers of one grid get the plain mean, and a 2x2
     bottleneck, whose four cells say little about where a patch is, cannot outvote a 64x64 layer (on the organism
     the equal-weight mean over every block lost 0.05-0.2 pixel AUROC to this weighting; docs/organism.md)."""
-    import torch.nn.functional as F
+    from memlens.quantities import mask_to_latent  # the one bilinear resize of maps in src/
 
     grids = [grid_of(m.shape[1]) for m in per_layer]
     h, w = max(grids, key=lambda g: g[0] * g[1])
@@ -285,7 +285,7 @@ def on_one_grid(per_layer: list[torch.Tensor], grid_of: Callable[[int], tuple[in
         extra = m.shape[2:]
         x = m.reshape(m.shape[0], gh, gw, -1).permute(0, 3, 1, 2)  # (rows, channels, gh, gw)
         if (gh, gw) != (h, w):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            x = mask_to_latent(x.reshape(-1, gh, gw), (h, w)).reshape(x.shape[0], x.shape[1], h, w)
         x = x.permute(0, 2, 3, 1).reshape(m.shape[0], h, w, *extra) * (gh * gw)
         total = x if total is None else total + x
         weight += gh * gw
