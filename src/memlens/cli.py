@@ -55,7 +55,7 @@ _PARAMS = {
     "clip_pretrained", "max_side", "out", "trajectory", "per_prompt", "init_from", "filter", "schedule",
     "pad_token", "end_contrastive", "negative_prompt", "true_cfg_scale", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
     "snr_gamma", "ema_decay", "checkpoint_every", "unet_heads", "unet_channels", "text_width", "text_layers",
-    "factor", "probes", "masks", "screen", "screen_threshold",
+    "factor", "probes", "masks", "screen", "screen_threshold", "screen_batch_size", "prompt_indices",
 }
 
 
@@ -127,13 +127,17 @@ def scan_command(
     ] = None,
     screen_threshold: Annotated[Optional[float], typer.Option(
         "--screen-threshold", help="Screen score at or above which a prompt is scanned (with --screen).")] = None,
+    screen_batch_size: Annotated[Optional[int], typer.Option(
+        "--screen-batch-size", min=1, help="Prompts per screen call (with --screen). Default: max(--batch-size, 16)."
+    )] = None,
 ) -> None:
     """Generate for a prompt file and record BE maps and magnitudes per image."""
     from memlens.scan import run_scan
 
     set_threads(threads, device)
-    if screen is None and screen_threshold is not None:
-        raise MemlensError("--screen-threshold needs --screen")
+    if screen is None and (screen_threshold is not None or screen_batch_size is not None):
+        flag = "--screen-threshold" if screen_threshold is not None else "--screen-batch-size"
+        raise MemlensError(f"{flag} needs --screen")
     if screen is not None:
         from memlens.screen import run_screened_scan
 
@@ -141,11 +145,14 @@ def scan_command(
             raise MemlensError("--screen needs --screen-threshold")
         if negative_prompt is not None or true_cfg_scale is not None:
             raise MemlensError("--screen does not take --negative-prompt or --true-cfg-scale yet")
-        res, rows = run_screened_scan(model, prompts, out, screen=screen, screen_threshold=screen_threshold,
-                                      num_images=num_images, steps=steps, guidance=guidance, seed=seed,
-                                      batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
-        flagged = sum(r["flagged"] for r in rows)
-        typer.echo(f"screen: {flagged} of {len(rows)} prompts flagged by {screen} >= {screen_threshold:g}")
+        screened = run_screened_scan(model, prompts, out, screen=screen, screen_threshold=screen_threshold,
+                                     num_images=num_images, steps=steps, guidance=guidance, seed=seed,
+                                     batch_size=batch_size, screen_batch_size=screen_batch_size, height=height,
+                                     width=width, dtype=dtype, device=device)
+        if screened.is_main_process:
+            typer.echo(f"screen: {screened.num_flagged} of {len(screened.rows)} prompts flagged by {screen} >= "
+                       f"{screen_threshold:g}")
+        res = screened.scan
         if res is None:
             return
     else:
