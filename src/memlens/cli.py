@@ -55,7 +55,7 @@ _PARAMS = {
     "clip_pretrained", "max_side", "out", "trajectory", "per_prompt", "init_from", "filter", "schedule",
     "pad_token", "end_contrastive", "negative_prompt", "true_cfg_scale", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
     "snr_gamma", "ema_decay", "checkpoint_every", "unet_heads", "unet_channels", "text_width", "text_layers",
-    "factor", "probes", "masks", "screen", "screen_threshold", "screen_batch_size", "prompt_indices",
+    "factor", "probes", "masks", "screen", "screen_threshold", "screen_batch_size", "prompt_indices", "webster",
 }
 
 
@@ -315,9 +315,15 @@ def bench_command(
         "--model", help="'testbed' (the shipped organism and its ground truth; 'testbed-v2' the other shipped one), "
                         "an organism folder, or any model with --prompts.")] = "testbed",
     prompts: Annotated[Optional[Path], typer.Option(
-        "--prompts", help="Prompt file with 0/1 labels and types (models other than the organism).")] = None,
+        "--prompts", help="Prompt file with 0/1 labels and types (models other than the organism); with --webster, "
+                          "a Webster / mem-curv-diff label file (default: the folder's "
+                          "groundtruth_parquets/sdv1_bb_edge_groundtruth.parquet).")] = None,
     masks: Annotated[Optional[Path], typer.Option(
         "--masks", help="Folder of <index>.png masks for memorized prompts (with --prompts).")] = None,
+    webster: Annotated[Optional[Path], typer.Option(
+        "--webster", help="Local copy of Webster's fraisdufour/templates-verbs (templates/metadata.parquet and the "
+                          "masks): labels and types from its label file, template masks for localization; dead "
+                          "entries counted and skipped.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="CI size: one image per item, 6 generic prompts, 6 steps, "
                                                         "2 Hutchinson probes.")] = False,
     per_memorized: Annotated[Optional[int], typer.Option("--per-memorized", help="Images per memorized prompt.")] = None,
@@ -343,13 +349,17 @@ def bench_command(
     base = dict(QUICK) if quick else {}
     base.update({k: v for k, v in given.items() if v is not None})
     settings = BenchSettings(**base, guidance=guidance, seed=seed, batch_size=batch_size)
-    board = run_bench(out, model=model, prompts=prompts, masks=masks, settings=settings, dtype=dtype, device=device,
-                      progress=False)
+    board = run_bench(out, model=model, prompts=prompts, masks=masks, webster=webster, settings=settings, dtype=dtype,
+                      device=device, progress=False)
     best_loc = max(board["localization"], key=lambda m: board["localization"][m]["iou_otsu"] or -1)
     best_det = max(board["detection"], key=lambda m: board["detection"][m]["auc"])
     typer.echo(f"bench: {board['n']['generations']} generations; best localization at Otsu: {best_loc} "
                f"(IoU {board['localization'][best_loc]['iou_otsu'] or float('nan'):.3f}); best detection: {best_det} "
                f"(AUC {board['detection'][best_det]['auc']:.3f}); wrote {Path(out) / 'leaderboard.json'}")
+    if "ground_truth" in board:
+        from memlens.bench import webster_line
+
+        typer.echo(webster_line(board["ground_truth"]))
 
 
 def _mount() -> None:
