@@ -182,6 +182,9 @@ def test_a_screen_of_other_settings_is_refused(tiny, tmp_path):
     with pytest.raises(InputError, match="`prompts`: the prompts differ"):
         run_screened_scan(tiny, TINY_PROMPTS[:3], tmp_path / "s", screen_threshold=1e9, **opts)
     assert (tmp_path / "s" / SCREEN_FILE).read_bytes() == before
+    (tmp_path / "s" / "screen.json").write_text("{not json")
+    with pytest.raises(InputError, match="screen.json: malformed JSON"):
+        run_screened_scan(tiny, TINY_PROMPTS, tmp_path / "s", screen_threshold=1e9, **opts)
     run_scan(tiny, TINY_PROMPTS, tmp_path / "plain", progress=False, **TINY)
     with pytest.raises(InputError, match="holds a scan without a screen"):
         run_screened_scan(tiny, TINY_PROMPTS, tmp_path / "plain", screen_threshold=1e9, **opts)

@@ -131,8 +131,11 @@ def _screened(out: Path) -> dict[int, dict]:
 
     rows: dict[int, dict] = {}
     for path in _screen_logs(out):
-        for row in rundir.read_jsonl(path):
-            rows.setdefault(int(row["prompt_index"]), row)
+        for n, row in enumerate(rundir.read_jsonl(path), start=1):
+            index = row.get("prompt_index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise InputError(f"{path} row {n}: field 'prompt_index' must be an integer, found {index!r}")
+            rows.setdefault(index, row)
     return rows
 
 
@@ -142,8 +145,8 @@ def _merge_screen(out: Path) -> list[dict]:
 
     logs = _screen_logs(out)
     rows = [r for _, r in sorted(_screened(out).items())]
-    main = [int(r["prompt_index"]) for r in rundir.read_jsonl(logs[0])]
-    if len(logs) > 1 or main != sorted(set(main)):
+    in_main = [r["prompt_index"] for r in rundir.read_jsonl(logs[0])]
+    if len(logs) > 1 or in_main != sorted(set(in_main)):
         data = "".join(json.dumps(rundir.jsonable(r)) + "\n" for r in rows).encode()
         rundir.atomic_write_bytes(out / SCREEN_FILE, data, durable=True)
         # Only after the merged file is in place: a kill before this leaves duplicates the next merge drops.
@@ -161,7 +164,12 @@ def _check_resume(out: Path, settings: dict, done: dict) -> Optional[dict]:
     from memlens import rundir
 
     path = out / SCREEN_JSON
-    previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{path}: malformed JSON; move the folder aside or pick another output folder") from None
+    if previous is not None and not isinstance(previous, dict):
+        raise InputError(f"{path}: expected a JSON object")
     if previous is not None:
         why = rundir.settings_mismatch(previous.get("settings", {}), settings, _screen_options())
         if why:
@@ -178,7 +186,8 @@ def _screen_pass(pipe, records, seeds: list[int], out: Path, settings: dict, sta
     """Every prompt's screen row, this process screening its share of the batches not yet done (module doc)."""
     from memlens import rundir
 
-    log_path = out / SCREEN_FILE if state.num_processes == 1 else out / SCREEN_SHARDS / f"rank-{state.process_index}.jsonl"
+    alone = state.num_processes == 1
+    log_path = out / SCREEN_FILE if alone else out / SCREEN_SHARDS / f"rank-{state.process_index}.jsonl"
     with rundir.Log(log_path, what="screen") as log:
         done = _screened(out)
         previous = _check_resume(out, settings, done)
