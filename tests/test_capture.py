@@ -91,7 +91,33 @@ def test_token_columns_read_one_column_of_the_all_token_probabilities(sd1):
         b.remove()
     assert not any(isinstance(l.module.processor, capture.CaptureProcessor) for l in layers)
     expected = torch.stack([torch.stack([p[0][i, :, e] for i, e in enumerate(eos)]) for p in full.store.values()])
-    torch.testing.assert_close(columns.mean(), expected.mean(dim=0), rtol=0, atol=0)
+    grid = lambda q: capture.attention_grid(8, 8, q)  # noqa: E731
+    h, w = grid(expected.shape[2])
+    torch.testing.assert_close(columns.mean(grid), expected.mean(dim=0).view(2, h, w), rtol=0, atol=0)
+
+
+def test_on_one_grid_upsamples_coarser_layers_to_the_finest_then_averages_by_queries():
+    from memlens.maps import upsample
+
+    gen = torch.Generator().manual_seed(0)
+    fine, coarse, odd = (torch.rand(3, 8 * 6, generator=gen), torch.rand(3, 4 * 3, generator=gen),
+                         torch.rand(3, 2 * 2, generator=gen))
+    grids = {48: (8, 6), 12: (4, 3), 4: (2, 2)}
+    got = capture.on_one_grid([coarse, fine, odd], grids.__getitem__)
+    assert got.shape == (3, 8, 6)
+    for i in range(3):  # independently: each layer resized as a user sees it, averaged with one vote per query
+        layers = (coarse, fine, odd)
+        expected = np.average([upsample(m[i].view(*grids[m.shape[1]]).numpy(), (8, 6)) for m in layers], axis=0,
+                              weights=[m.shape[1] for m in layers])
+        np.testing.assert_allclose(got[i].numpy(), expected, rtol=1e-6, atol=1e-7)
+    # extra trailing dimensions (every token) ride along: each token's slice equals the one-token result
+    tokens = torch.rand(3, 12, 5, generator=gen), torch.rand(3, 48, 5, generator=gen)
+    both = capture.on_one_grid(list(tokens), grids.__getitem__)
+    assert both.shape == (3, 8, 6, 5)
+    one = capture.on_one_grid([t[..., 2] for t in tokens], grids.__getitem__)
+    torch.testing.assert_close(both[..., 2], one, rtol=0, atol=1e-7)
+    # layers of one grid: a plain mean, nothing resampled
+    torch.testing.assert_close(capture.on_one_grid([fine, fine * 3], grids.__getitem__), (2 * fine).view(3, 8, 6))
 
 
 def test_probe_and_full_attention_share_the_processors(sd1):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from _magnitude_oracle import masked_magnitude
-from memlens import BrightEndingProbe, MemlensError
+from memlens import BrightEndingProbe, MemlensError, capture
 from memlens.testing import tiny_pipeline
 
 LONG = "a very long prompt " * 8  # > 77 characters: every character is a token, so this gets truncated
@@ -300,6 +300,31 @@ def test_outer_layers_are_both_ends_of_the_unet_at_one_resolution(family, expect
     # The probe averages over layers: each block's map weighted by its number of layers.
     want = sum(m * n for m, n in maps) / sum(n for _, n in maps)
     _assert_rel(outer.records[0].be_map, want)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_all_layers_combine_every_resolution_on_the_finest_grid(family):
+    from memlens.maps import upsample
+
+    pipe = tiny_pipeline(family)
+    with BrightEndingProbe(pipe, layers="all", keep_energy=True) as every:
+        _generate(pipe, 2, per_prompt=1, prompts=["a cat"])
+    names = every.layer_names
+    assert names == [l.name for l in capture.cross_attention_layers(pipe.unet)]
+    # Independently: each layer read alone, its map resized bilinearly to the finest one's grid, then averaged.
+    per_layer = []
+    for name in names:
+        with BrightEndingProbe(pipe, layers=[name]) as one:
+            _generate(pipe, 2, per_prompt=1, prompts=["a cat"])
+        per_layer.append(one.records[0].be_map)
+    finest = max((m.shape for m in per_layer), key=lambda s: s[0] * s[1])
+    assert len({m.shape for m in per_layer}) > 1  # the test must mix resolutions
+    rec = every.records[0]
+    assert rec.be_map.shape == finest
+    _assert_rel(rec.be_map, np.average([upsample(m, finest) for m in per_layer], axis=0,
+                                       weights=[m.size for m in per_layer]))  # one vote per attention query
+    # LD is masked with that map, the same as any other mask of its size
+    _assert_rel(rec.masked_magnitude, rec.masked_magnitude_with(rec.be_map))
 
 
 def test_padding_token_is_the_mean_of_its_positions():

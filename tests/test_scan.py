@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memlens.errors import InputError
+from memlens.errors import InputError, MemlensError
 from memlens.scan import image_seed, run_scan
 from memlens.testing import tiny_pipeline
 
@@ -452,3 +452,16 @@ def test_bad_prompt_indices_refused_before_writing(pipe, prompt_file, tmp_path, 
     with pytest.raises(InputError, match=words):
         run_scan(pipe, prompt_file, tmp_path / "s", prompt_indices=indices, progress=False, **FAST)
     assert not (tmp_path / "s").exists()
+
+
+def test_layers_and_token_flags_become_probe_options():
+    from memlens.cli import probe_options
+
+    assert probe_options(None, "eos") == {}  # the defaults add nothing, so older runs resume unchanged
+    assert probe_options("all", "eos+padding") == {"layers": "all", "token": "eos+padding"}
+    assert probe_options("down_blocks.0, up_blocks.2", "3") == {"layers": ["down_blocks.0", "up_blocks.2"],
+                                                                "token": 3}
+    with pytest.raises(MemlensError, match="--token 'end'"):
+        probe_options(None, "end")
+    with pytest.raises(MemlensError, match="--layers"):
+        probe_options(" , ", "eos")

@@ -94,7 +94,8 @@ def select_layers(unet: torch.nn.Module, layers: list[str] | str | None = None) 
     """The text-attention layers to read.
 
     `layers` is None, ``"outer"`` (UNets: the first down block with cross-attention and the last up block with
-    cross-attention, both ends of the UNet at one resolution) or a list of module names or name prefixes such as
+    cross-attention, both ends of the UNet at one resolution), ``"all"`` (every text-attention layer; layers of
+    several resolutions are combined on the finest grid, see `on_one_grid`) or a list of module names or name prefixes such as
     ``"down_blocks.1"``, ``"up_blocks.1.attentions.0"`` or ``"single_transformer_blocks"``. The default for a UNet is
     the paper's: every cross-attention layer of the first down block that has any. For a diffusion transformer it is
     every text-attention site (provisional: no measurement yet says which blocks localise copying; docs/probe.md).
@@ -107,7 +108,7 @@ def select_layers(unet: torch.nn.Module, layers: list[str] | str | None = None) 
             f"{model_name} has no cross-attention layers (no Attention module with is_cross_attention=True); "
             "the bright-ending probe needs a text-conditioned UNet"
         )
-    if layers is None and transformer:
+    if (layers is None and transformer) or layers == "all":
         return available
     if layers is None:
         block = _first_down_block_with_cross_attention(unet, available)
@@ -265,6 +266,32 @@ def attention_grid(height: int, width: int, queries: int) -> tuple[int, int]:
     return h, w
 
 
+def on_one_grid(per_layer: list[torch.Tensor], grid_of: Callable[[int], tuple[int, int]]) -> torch.Tensor:
+    """Layer maps that may live on grids of different sizes, (rows, queries_l, *extra) each, combined into one
+    (rows, h, w, *extra) on the finest grid among them.
+
+    `grid_of(queries)` gives a layer's (h, w). Coarser maps are brought to the finest grid by bilinear interpolation
+    with align_corners=False (the operation `memlens.maps.upsample` uses to put a map over the image, so combining
+    first and upsampling after equals upsampling each layer and then combining). Each layer is weighted by its
+    number of queries: every attention query counts once, so layers of one grid get the plain mean, and a 2x2
+    bottleneck, whose four cells say little about where a patch is, cannot outvote a 64x64 layer (on the organism
+    the equal-weight mean over every block lost 0.05-0.2 pixel AUROC to this weighting; docs/organism.md)."""
+    import torch.nn.functional as F
+
+    grids = [grid_of(m.shape[1]) for m in per_layer]
+    h, w = max(grids, key=lambda g: g[0] * g[1])
+    total, weight = None, 0
+    for m, (gh, gw) in zip(per_layer, grids):
+        extra = m.shape[2:]
+        x = m.reshape(m.shape[0], gh, gw, -1).permute(0, 3, 1, 2)  # (rows, channels, gh, gw)
+        if (gh, gw) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        x = x.permute(0, 2, 3, 1).reshape(m.shape[0], h, w, *extra) * (gh * gw)
+        total = x if total is None else total + x
+        weight += gh * gw
+    return total / weight
+
+
 class TokenColumns(AttentionSink):
     """The one-token sink: per layer, the attention on weighted tokens (`weights(num_tokens)` -> (rows, tokens)),
     summed over the calls captured while `rows` is set; `mean` averages them into one (rows, queries) map."""
@@ -287,9 +314,10 @@ class TokenColumns(AttentionSink):
             self.sums[layer] = column
             self.counts[layer] = 1
 
-    def mean(self) -> torch.Tensor:
-        """(rows, queries): the mean over captured calls of each layer, then over the layers."""
-        return torch.stack([self.sums[name] / self.counts[name] for name in self.sums]).mean(dim=0)
+    def mean(self, grid_of: Callable[[int], tuple[int, int]]) -> torch.Tensor:
+        """(rows, h, w): the mean over captured calls of each layer, then over the layers, on the finest of their
+        grids (`on_one_grid`; `grid_of(queries)` gives a layer's (h, w))."""
+        return on_one_grid([self.sums[name] / self.counts[name] for name in self.sums], grid_of)
 
 
 class AllTokens(AttentionSink):

@@ -93,6 +93,29 @@ def set_threads(threads: Optional[int], device: Optional[str] = None) -> None:
 # --- scan -----------------------------------------------------------------------------------------------------------
 
 
+def probe_options(layers: Optional[str], token: str) -> dict:
+    """--layers / --token as `BrightEndingProbe` options; only what differs from the probe's defaults, so a run
+    recorded before these flags existed resumes under the same settings."""
+    from memlens.probe import TOKEN_CHOICES
+
+    options: dict = {}
+    if layers is not None:
+        names = [x.strip() for x in layers.split(",") if x.strip()]
+        if not names:
+            raise MemlensError(f"--layers {layers!r}: expected 'outer', 'all' or module names")
+        options["layers"] = names[0] if len(names) == 1 and names[0] in ("outer", "all") else names
+    if token != "eos":
+        if token in TOKEN_CHOICES:
+            options["token"] = token
+        else:
+            try:
+                options["token"] = int(token)
+            except ValueError:
+                raise MemlensError(f"--token {token!r}: expected one of {', '.join(TOKEN_CHOICES)} or a whole "
+                                   "number (a token position)") from None
+    return options
+
+
 @app.command("scan")
 def scan_command(
     model: Annotated[str, typer.Option("--model", help="Hub id, local diffusers folder, or 'testbed'.")],
@@ -130,6 +153,13 @@ def scan_command(
     screen_batch_size: Annotated[Optional[int], typer.Option(
         "--screen-batch-size", min=1, help="Prompts per screen call (with --screen). Default: max(--batch-size, 16)."
     )] = None,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Cross-attention layers the BE map reads: the paper's first down block (default), 'outer' "
+        "(both ends of the UNet), 'all' (every layer, on the finest grid), or comma-separated module names/prefixes.")
+    ] = None,
+    token: Annotated[str, typer.Option(
+        "--token", help="Token the BE map reads: eos (the paper's end token), padding, eos+padding, or a position.")
+    ] = "eos",
 ) -> None:
     """Generate for a prompt file and record BE maps and magnitudes per image."""
     from memlens.scan import run_scan
@@ -145,6 +175,8 @@ def scan_command(
             raise MemlensError("--screen needs --screen-threshold")
         if negative_prompt is not None or true_cfg_scale is not None:
             raise MemlensError("--screen does not take --negative-prompt or --true-cfg-scale yet")
+        if layers is not None or token != "eos":
+            raise MemlensError("--screen does not take --layers or --token yet")
         screened = run_screened_scan(model, prompts, out, screen=screen, screen_threshold=screen_threshold,
                                      num_images=num_images, steps=steps, guidance=guidance, seed=seed,
                                      batch_size=batch_size, screen_batch_size=screen_batch_size, height=height,
@@ -158,7 +190,8 @@ def scan_command(
     else:
         res = run_scan(model, prompts, out, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
                        batch_size=batch_size, height=height, width=width, dtype=dtype, device=device,
-                       negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
+                       negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+                       probe_options=probe_options(layers, token))
     if res.is_main_process:
         typer.echo(f"{res.status}: {res.num_records} images in {res.path}")
 
@@ -294,6 +327,13 @@ def demo_command(
     seed: Annotated[int, typer.Option("--seed", help="Base seed, as in `memlens scan`.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 16,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Cross-attention layers the BE map reads: the paper's first down block (default), 'outer' "
+        "(both ends of the UNet), 'all' (every layer, on the finest grid), or comma-separated module names/prefixes.")
+    ] = None,
+    token: Annotated[str, typer.Option(
+        "--token", help="Token the BE map reads: eos (the paper's end token), padding, eos+padding, or a position.")
+    ] = "eos",
 ) -> None:
     """Scan the organism's memorized and generic prompts, score them against its ground truth, write summary.json
     and report.html."""
@@ -301,7 +341,8 @@ def demo_command(
 
     set_threads(threads, "cpu")
     result = run_demo(out, organism=model, per_memorized=per_memorized, per_generic=per_generic, n_generic=n_generic,
-                      steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)
+                      steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                      probe_options=probe_options(layers, token))
     typer.echo(format_summary(result.summary, result.path))
 
 

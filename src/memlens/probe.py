@@ -50,7 +50,7 @@ class ImageRecord:
 
     prompt: str
     eos_index: int
-    be_map: np.ndarray  # float32 (h, w): attention on the chosen token, captured layers' resolution
+    be_map: np.ndarray  # float32 (h, w): attention on the chosen token, the finest captured layer's grid
     magnitude: np.ndarray  # float32 (steps,): D_t
     masked_magnitude: np.ndarray  # float32 (steps,): LD_t with mask = be_map
     timesteps: np.ndarray  # the scheduler timesteps of those steps
@@ -152,7 +152,11 @@ class BrightEndingProbe(capture.AttentionSink):
             transformers every text-attention site (provisional, docs/probe.md), e.g. ``"transformer_blocks.3"``
             or ``"single_transformer_blocks"`` to choose blocks. ``"outer"`` (UNets): the first down block and the
             last up block with cross-attention, the same attention resolution at both ends of the UNet
-            (``down_blocks.0`` + ``up_blocks.3`` in SD1/SD2); see docs/organism.md.
+            (``down_blocks.0`` + ``up_blocks.3`` in SD1/SD2); ``"all"``: every text-attention layer, the coarser
+            maps upsampled bilinearly to the finest grid and averaged with one vote per attention query
+            (`capture.on_one_grid`), so the map has the finest layer's resolution. With ``token="eos+padding"``
+            this is the rule that localized in every training seed of the organism (docs/organism.md); the
+            default stays the paper's.
         steps: step indices at which attention is read, negative counting from the end; maps of several steps are
             averaged. Default: the last step, as in the paper.
         token: ``"eos"`` (the first EOS of the padded ids, the paper's end token), ``"padding"`` (the mean attention
@@ -573,9 +577,10 @@ class BrightEndingProbe(capture.AttentionSink):
                 f"the run ended without reaching a captured step {self.steps} (it ran steps {call.steps[0]}.."
                 f"{call.steps[-1]} of {len(call.timesteps)})"
             )
-        maps = call.columns.mean()
-        h, w = call.grid if self.transformer else capture.attention_grid(*call.latent_hw, maps.shape[1])
-        be_maps = maps.view(-1, h, w)
+        if self.transformer:  # every site of a transformer sees the same token grid
+            be_maps = call.columns.mean(lambda queries: call.grid)
+        else:
+            be_maps = call.columns.mean(lambda queries: capture.attention_grid(*call.latent_hw, queries))
         be_np = be_maps.cpu().numpy().astype(np.float32)
         # Transformer tokens each cover one p x p latent patch, so the map goes to the latent by that footprint.
         mask_resize = "patch" if self.transformer else "bilinear"

@@ -124,9 +124,8 @@ def sample_magnitudes(
             model(x_low, t_low, encoder_hidden_states=cond, added_cond_kwargs=added_cond_kwargs, return_dict=False)
             installed.remove()
             installed = None
-        columns = sink.mean()  # (B, queries), averaged over the captured layers
-        h, w = capture.attention_grid(noisy.shape[-2], noisy.shape[-1], columns.shape[1])
-        maps = columns.view(b, h, w).float()
+        # (B, h, w), averaged over the captured layers on the finest of their grids
+        maps = sink.mean(lambda queries: capture.attention_grid(noisy.shape[-2], noisy.shape[-1], queries)).float()
         ld = quantities.difference_magnitude(diff, quantities.mask_to_latent(maps, noisy.shape[-2:]))
         return SampleMagnitudes(d, ld, maps)
     finally:

@@ -57,19 +57,15 @@ class FullAttention:
 
     def maps(self, groups: dict[str, list[str]] | None = None) -> dict[str, np.ndarray]:
         """Per block (e.g. down_blocks.0): (N, h, w, T) attention of all images so far, averaged over its layers.
-        `groups` adds named unions of blocks of one resolution, averaged over all their layers as the probe does
-        (e.g. {"outer": capture.select_layers(unet, "outer") blocks})."""
+        `groups` adds named unions of blocks, averaged over all their layers as the probe does, on the finest of
+        their grids (e.g. {"outer": the blocks of capture.select_layers(unet, "outer")})."""
         blocks = defaultdict(list)
         for name, probs in self.sink.store.items():
             blocks[".".join(name.split(".")[:2])].append(torch.cat(probs))
         for group, members in (groups or {}).items():
             blocks[group] = [a for m in members for a in blocks.get(m, [])]
-        out = {}
-        for block, arrs in blocks.items():
-            p = torch.stack(arrs).mean(0)  # (N, Q, T)
-            h, w = capture.attention_grid(*self.latent_hw, p.shape[1])
-            out[block] = p.view(p.shape[0], h, w, p.shape[2]).numpy()
-        return out
+        grid = lambda queries: capture.attention_grid(*self.latent_hw, queries)  # noqa: E731
+        return {block: capture.on_one_grid(arrs, grid).numpy() for block, arrs in blocks.items()}
 
 
 def last_step_attention(pipe, prompts, per_prompt, steps, guidance, seed):

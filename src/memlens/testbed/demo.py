@@ -45,6 +45,10 @@ class DemoResult:
     summary: dict
 
 
+# The probe's layer sets read beside the probed block for the per-token table (prefixes of summary.json's names).
+COMBINED_LAYERS = ("outer", "all")
+
+
 class _TokenMapsProbe:
     """The scan's `BrightEndingProbe`, plus every token's last-step map of the probed block on each record
     (`record.token_maps`, written by the scan to `token_maps/<stem>.npz`)."""
@@ -84,13 +88,17 @@ class _TokenMapsProbe:
         from memlens import capture
 
         records = list(self.probe.records)
-        block = ".".join(self.probe.layer_names[0].split(".")[:2])
-        # Besides the probed block, both ends of the UNet together (the probe's layers="outer"), prefixed "outer/".
-        outer = sorted({".".join(layer.name.split(".")[:2]) for layer in capture.select_layers(self.unet, "outer")})
-        maps = self.full.maps({"outer": outer})
+        # Unprefixed names read the paper's block (the probe's default layers), whatever layers the probe reads.
+        block = ".".join(capture.select_layers(self.unet, None)[0].name.split(".")[:2])
+        # Besides the probed block: both ends of the UNet together (the probe's layers="outer"), prefixed "outer/",
+        # and every cross-attention block on the finest grid (layers="all"), prefixed "all/".
+        groups = {name: sorted({".".join(layer.name.split(".")[:2])
+                                for layer in capture.select_layers(self.unet, name)}) for name in COMBINED_LAYERS}
+        maps = self.full.maps(groups)
         for i, rec in enumerate(records):  # (N, h, w, T) per block, same images in the same order
             rec.token_maps = token_maps(maps[block][i], rec.eos_index)
-            rec.token_maps.update({f"outer/{k}": v for k, v in token_maps(maps["outer"][i], rec.eos_index).items()})
+            for name in COMBINED_LAYERS:
+                rec.token_maps.update({f"{name}/{k}": v for k, v in token_maps(maps[name][i], rec.eos_index).items()})
         return records
 
 
@@ -109,8 +117,11 @@ def demo_prompts(truth, n_generic: int) -> list:
 
 def run_demo(out_dir: str | Path, organism: str | Path | None = None, *, per_memorized: int = 8,
              per_generic: int = 2, n_generic: int = 64, steps: int | None = None, guidance: float | None = None,
-             seed: int = 0, batch_size: int = 16, progress: bool = True) -> DemoResult:
-    """Scan the organism's prompts into `out_dir`, write its ground truth, evaluate, report; see the module doc."""
+             seed: int = 0, batch_size: int = 16, progress: bool = True,
+             probe_options: dict | None = None) -> DemoResult:
+    """Scan the organism's prompts into `out_dir`, write its ground truth, evaluate, report; see the module doc.
+    `probe_options` go to the `BrightEndingProbe` (e.g. ``{"layers": "all"}``): its map is the one localization,
+    LD and the report use; the per-token table reads the same generations either way."""
     from memlens import rundir
     from memlens.scan import _check_positive, run_scan
     from memlens.testbed.pipeline import load_pipeline, organism_path
@@ -129,7 +140,7 @@ def run_demo(out_dir: str | Path, organism: str | Path | None = None, *, per_mem
     pipe = load_pipeline(organism)
     scan = run_scan(pipe, prompts, out, num_images=counts, steps=steps, guidance=guidance, seed=seed,
                     batch_size=batch_size, model_name=str(organism.resolve()), progress=progress,
-                    probe_factory=_TokenMapsProbe, kind="demo", own_files=OWN_FILES)
+                    probe_factory=_TokenMapsProbe, probe_options=probe_options, kind="demo", own_files=OWN_FILES)
     if scan.status != "complete":
         raise InputError(f"`out_dir` {out}: the scan is incomplete ({scan.num_records} of {scan.num_images})")
     settings = (rundir.read_run_json(out) or {})["settings"]
@@ -139,7 +150,7 @@ def run_demo(out_dir: str | Path, organism: str | Path | None = None, *, per_mem
     summary["settings"] = {
         "steps": settings["steps"], "guidance_scale": settings["guidance"], "seed": seed,
         "per_memorized": per_memorized, "per_generic": per_generic, "n_generic_prompts": n_generic,
-        "model": str(organism), "items_from": "organism", "match_corr": _match_corr(), "iou_threshold": "otsu",
+        "model": str(organism), "items_from": "organism", "probe": dict(probe_options or {}), "match_corr": _match_corr(), "iou_threshold": "otsu",
         "localization_subset": "local generations that reproduce their own patch",
     }
     summary["generations"] = copies
@@ -197,6 +208,12 @@ def write_ground_truth(out: Path, truth) -> list[dict]:
     return rows
 
 
+def _layer_group(token_name: str) -> int:
+    """0 for the probed block's names, then the COMBINED_LAYERS prefixes in order."""
+    prefix = token_name.split("/")[0] if "/" in token_name else None
+    return 0 if prefix is None else 1 + COMBINED_LAYERS.index(prefix)
+
+
 def localization_breakdown(out: Path, items: dict) -> tuple[dict, dict]:
     """Over the generations that have a mask (local copies of their own item): per token name (see
     `memlens.testbed.tokens`) the localization of that token's map, and per template size the probe map's, with
@@ -226,7 +243,7 @@ def localization_breakdown(out: Path, items: dict) -> tuple[dict, dict]:
         bounds.append(grid_iou_bound(mask, be.shape))
     order = {"bos": 0, "word": 1, "end": 2, "pad": 3}
     by_token = {name: localization_summary(*per_token[name])
-                for name in sorted(per_token, key=lambda n: (n.startswith("outer/"),
+                for name in sorted(per_token, key=lambda n: (_layer_group(n),
                                                              order.get(n.split("/")[-1].split("_")[0][:3], 9), n))}
     by_size = {}
     for size in sorted(per_size, key=lambda k: -int(k.split("x")[0])):
@@ -283,8 +300,10 @@ def evaluate_demo(out: Path, copies: list[dict], items: dict) -> dict:
     }
 
 
-# The terminal line's selection; summary.json has every token, of the probed block and of "outer/" (both ends).
-SUMMARY_TOKENS = ("bos", "word_mean", "end", "pad_mean", "end+padding", "outer/end", "outer/end+padding")
+# The terminal line's selection; summary.json has every token, of the probed block, of "outer/" (both ends) and of
+# "all/" (every block on the finest grid).
+SUMMARY_TOKENS = ("bos", "word_mean", "end", "pad_mean", "end+padding", "outer/end", "outer/end+padding", "all/end",
+                  "all/end+padding")
 
 
 def _fmt(x) -> str:

@@ -186,8 +186,10 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-# study.json keeps every token; "outer/" reads both ends of the UNet (the probe's layers="outer")
-TABLE_TOKENS = ("bos", "word_mean", "end", "pad_mean", "end+padding", "outer/end", "outer/end+padding")
+# study.json keeps every token; "outer/" reads both ends of the UNet (the probe's layers="outer"), "all/" every block
+# on the finest grid (layers="all")
+TABLE_TOKENS = ("bos", "word_mean", "end", "pad_mean", "end+padding", "outer/end", "outer/end+padding", "all/end",
+                "all/end+padding")
 
 
 def _pair(d: dict | None) -> str:
