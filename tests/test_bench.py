@@ -305,3 +305,112 @@ def test_any_pipeline_with_a_labelled_prompt_file_and_masks(tmp_path):
         assert npz["mask"].mean() == pytest.approx(0.25)
     assert set(board["detection"]["D"]) >= {"by_type_TM", "by_type_MV"}
     assert board["settings"]["steps"] == 3
+
+
+# --- the Webster benchmark layout -----------------------------------------------------------------------------------
+
+WEBSTER_LABELS = [
+    {"caption": "a memorized poster", "overfit_type": "TV", "gen_seeds": [[11, 0], [12, 1]]},  # seed 11 copies row 0
+    {"caption": "a poster whose template died", "overfit_type": "TV", "gen_seeds": [[13, 2]]},
+    {"caption": "an exact copy", "overfit_type": "MV", "gen_seeds": []},
+    {"caption": "a novel scene", "overfit_type": "N", "gen_seeds": []},
+    {"caption": "another novel scene", "overfit_type": "N", "gen_seeds": []},
+]
+
+
+def _webster_folder(root: Path, labels=WEBSTER_LABELS) -> Path:
+    """A local copy of fraisdufour/templates-verbs in miniature: template 0's mask covers the whole image, template
+    1's the left half (10 x 10 PNGs, the generations are 32 x 32), template 2's mask file is gone (a dead entry)."""
+    from PIL import Image
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    half = np.zeros((10, 10), np.uint8)
+    half[:, :5] = 255
+    table = []
+    for name, mask in (("full", np.full((10, 10), 255, np.uint8)), ("half", half), ("gone", None)):
+        img, mask_file = f"templates/imgs/{name}.png", f"templates/masks/{name}.png"
+        (root / "templates" / "imgs").mkdir(parents=True, exist_ok=True)
+        (root / "templates" / "masks").mkdir(exist_ok=True)
+        Image.fromarray(np.full((10, 10, 3), 90, np.uint8)).save(root / img)
+        if mask is not None:
+            Image.fromarray(mask).save(root / mask_file)
+        table.append({"img_file": img, "mask_file": mask_file, "url": f"http://t/{name}"})
+    pq.write_table(pa.Table.from_pylist(table), root / "templates" / "metadata.parquet")
+    (root / "groundtruth_parquets").mkdir()
+    pq.write_table(pa.Table.from_pylist(labels), root / bench.WEBSTER_LABELS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from memlens.testing import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd1")
+    tiny_pipeline("sd1").save_pretrained(folder)
+    return folder
+
+
+WEBSTER_ARGS = ["--per-memorized", "2", "--per-generic", "1", "--steps", "3", "--probes", "1", "--guidance", "3"]
+
+
+def test_webster_folder_gives_the_whole_leaderboard_in_one_command(cli, tiny_model, tmp_path):
+    from memlens.metrics import minmax_normalize, upsample_map
+
+    folder = _webster_folder(tmp_path / "webster")
+    code, out, err = cli(["bench", "--model", tiny_model, "--webster", folder, "--out", tmp_path / "b", *WEBSTER_ARGS])
+    assert code == 0, err
+    assert "4 of 5 prompts used" in out and "3 dead entries skipped" in out
+    board = json.loads((tmp_path / "b" / "leaderboard.json").read_text())
+    assert board["n"] == {"generations": 6, "memorized": 4, "non_memorized": 2, "with_mask": 2, "oracle_set": 6}
+    truth = board["ground_truth"]
+    assert (truth["label_rows"], truth["prompts_used"], truth["dead_total"]) == (5, 4, 3)
+    assert truth["dead"] == {"template_mask_missing": 1, "template_prompt_without_mask": 1, "template_refs_dead": 1}
+    assert truth["kinds"] == {"exact": 1, "non-memorized": 2, "template": 1}
+    assert "3 dead entries skipped" in (tmp_path / "b" / "leaderboard.md").read_text()
+
+    rows = _rows(tmp_path / "b")
+    assert [(r["label_row"], r["type"], r["oracle_set"]) for r in rows] == [
+        (0, "template", "mask"), (0, "template", "mask"), (2, "exact", "ones"), (2, "exact", "ones"),
+        (3, "non-memorized", "zeros"), (4, "non-memorized", "zeros")]
+    # The template prompt's images take the label file's seeds, each with the template that seed copies.
+    assert [r["seed"] for r in rows[:2]] == [11, 12]
+    whole = np.ones((32, 32), bool)
+    left = np.zeros((32, 32), bool)
+    left[:, :16] = True
+    expected = [whole, left]
+    for r, want in zip(rows[:2], expected):
+        with np.load(tmp_path / "b" / "maps" / f"{r['stem']}.npz") as npz:
+            np.testing.assert_array_equal(npz["mask"], want)
+    # Pixel AUROC pooled over the two template generations, from the saved maps and the masks built here.
+    for method in bench.LOCALIZERS:
+        maps = []
+        for r in rows[:2]:
+            with np.load(tmp_path / "b" / "maps" / f"{r['stem']}.npz") as npz:
+                maps.append(minmax_normalize(upsample_map(npz[f"map_{method}"], (32, 32))).ravel())
+        want = roc_auc_score(np.concatenate([m.ravel() for m in expected]), np.concatenate(maps))
+        assert board["localization"][method]["pixel_auroc"] == pytest.approx(want, abs=1e-9), method
+        assert board["localization"][method]["n"] == 2
+
+
+@pytest.mark.parametrize("case, words", [
+    ("bad type", "sdv1_bb_edge_groundtruth.parquet row 4: column 'overfit_type': unknown memorization type 'XX'"),
+    ("no labels file", "--webster"),
+    ("with masks", "--masks and --webster"),
+    ("only memorized", "needs memorized and non-memorized prompts"),
+])
+def test_webster_bad_input_is_one_line(cli, tiny_model, tmp_path, case, words):
+    labels = [dict(r) for r in WEBSTER_LABELS]
+    if case == "bad type":
+        labels[3]["overfit_type"] = "XX"
+    if case == "only memorized":
+        labels = labels[:3]
+    folder = _webster_folder(tmp_path / "webster", labels)
+    extra = ["--masks", tmp_path] if case == "with masks" else []
+    if case == "no labels file":
+        (folder / bench.WEBSTER_LABELS).unlink()
+    code, _, err = cli(["bench", "--model", tiny_model, "--webster", folder, "--out", tmp_path / "b", *extra,
+                        *WEBSTER_ARGS])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and words in lines[0], err
+    assert not (tmp_path / "b").exists()

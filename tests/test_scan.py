@@ -446,6 +446,14 @@ def test_threads_default_to_one_on_cpu_and_follow_the_option(model_folder, promp
     assert seen == [1, 2]
 
 
+@pytest.mark.parametrize("indices, words", [([5], "5 is not a position in the 3 prompts"), ([], "is empty"),
+                                            ([0, 0], "listed twice")])
+def test_bad_prompt_indices_refused_before_writing(pipe, prompt_file, tmp_path, indices, words):
+    with pytest.raises(InputError, match=words):
+        run_scan(pipe, prompt_file, tmp_path / "s", prompt_indices=indices, progress=False, **FAST)
+    assert not (tmp_path / "s").exists()
+
+
 def test_layers_and_token_flags_become_probe_options():
     from memlens.cli import probe_options
 

@@ -19,7 +19,8 @@ Outputs (written to a temporary sibling folder and swapped in by `rundir.atomic_
     OUT/leaderboard.json   {"localization": {...}, "detection": {...}, "mitigation": {}, "settings", "n"}
     OUT/leaderboard.md     the table
     OUT/leaderboard.html   ROC curves and example maps side by side
-    OUT/generations.jsonl  one row per generation: stem, prompt, label, type, has_mask, oracle_set, scores
+    OUT/generations.jsonl  one row per generation: stem, prompt, label, type, has_mask, oracle_set, scores (and
+                           label_row, the label file's row, with a Webster folder)
     OUT/maps/<stem>.npz    per-generation maps (latent / attention resolution), per-step D and LD, and the mask
     OUT/images/<stem>.png  the generated image
 """
@@ -38,7 +39,8 @@ import numpy as np
 
 from memlens.errors import InputError
 
-__all__ = ["LOCALIZERS", "DETECTORS", "BenchSettings", "run_bench", "leaderboard", "QUICK"]
+__all__ = ["LOCALIZERS", "DETECTORS", "BenchSettings", "run_bench", "leaderboard", "QUICK", "WEBSTER_LABELS",
+           "webster_line"]
 
 LOCALIZERS = ("be", "be_padding", "be_outer", "score_difference", "curvature_difference", "be_x_score_difference")
 DETECTORS = ("D", "D_first_step", "D_first_10", "LD", "anisotropy", "sharpness")
@@ -88,6 +90,7 @@ class Item:
     image_index: int
     group: str | None = None
     mask: np.ndarray | None = None  # (H, W) bool, fixed in advance (prompt files); organism masks come after scoring
+    truth: Any = None  # a field.webster.WebsterItem: its mask is read at the generated image's size
 
     @property
     def stem(self) -> str:
@@ -253,6 +256,56 @@ def _file_items(prompts: Path, masks: Path | None, s: BenchSettings) -> list[Ite
     return items
 
 
+# The label file a local copy of Webster's `fraisdufour/templates-verbs` holds for SD v1 (beside `templates/`).
+WEBSTER_LABELS = "groundtruth_parquets/sdv1_bb_edge_groundtruth.parquet"
+
+
+def _webster_items(folder: Path, labels: Path | None, s: BenchSettings):
+    """Items of a Webster / mem-curv-diff label file with the folder's template masks, and the loader's report.
+
+    A memorized prompt's image k takes the k-th seed of the file's `gen_seeds` when it lists one (the seeds the
+    copies were found with; a mem-curv-diff pair also names the template that seed copies), else the bench's seed."""
+    from memlens.field.webster import load_webster
+    from memlens.scan import scan_items
+
+    if not folder.is_dir():
+        raise InputError(f"`webster` {folder}: not a folder (expected a local copy of fraisdufour/templates-verbs)")
+    if labels is None:
+        labels = folder / WEBSTER_LABELS
+        if not labels.is_file():
+            raise InputError(f"`webster` {folder}: no {WEBSTER_LABELS}; pass the label file with `prompts`")
+    truths, report = load_webster(labels, templates=folder)
+    kinds = {t.label for t in truths}
+    if kinds != {0, 1}:
+        found = ", ".join(sorted(report.kinds)) or "no rows left"
+        raise InputError(f"`prompts` {labels}: needs memorized and non-memorized prompts; found {found}")
+    counts = [s.per_memorized if t.label == 1 else s.per_generic for t in truths]
+    items = []
+    for it in scan_items(counts, s.seed):
+        t = truths[it.prompt_index]
+        seed = t.seeds[it.image_index] if t.label == 1 and it.image_index < len(t.seeds) else it.seed
+        items.append(Item(t.prompt, t.label, t.kind, seed, it.prompt_index, it.image_index, truth=t))
+    return items, _webster_summary(folder, labels, report)
+
+
+def _webster_summary(folder: Path, labels: Path, report) -> dict:
+    """What leaderboard.json says of the ground truth: where it came from, what was used, what was dead."""
+    return {"source": "webster", "folder": str(folder), "labels": str(labels), "label_rows": report.n_rows,
+            "prompts_used": report.n_items, "kinds": dict(sorted(report.kinds.items())),
+            "dead": dict(sorted(report.dead.items())), "dead_total": sum(report.dead.values()),
+            "dead_examples": list(report.notes)}
+
+
+def _webster_mask(it: Item, shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+    """mem-curv-diff's ground truth at the generated size: a template copy has its template's mask (the localization
+    set), an exact or retrieved copy is all memorized ("ones"), a non-memorized prompt nothing ("zeros")."""
+    from memlens.field.webster import ground_truth_mask
+
+    if it.truth.kind == "template":
+        return ground_truth_mask(it.truth, shape, it.seed), "mask"
+    return None, "zeros" if it.label == 0 else "ones"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -336,8 +389,9 @@ def _resolve_out(out_dir: Path) -> Path:
 
 
 def run_bench(out_dir: str | Path, *, model: str | Any = "testbed", prompts: str | Path | None = None,
-              masks: str | Path | None = None, settings: BenchSettings | None = None, dtype: str = "float32",
-              device: str = "cpu", progress: bool = True) -> dict:
+              masks: str | Path | None = None, webster: str | Path | None = None,
+              settings: BenchSettings | None = None, dtype: str = "float32", device: str = "cpu",
+              progress: bool = True) -> dict:
     """Run every method on one set of generations and write the leaderboard to `out_dir`; returns the leaderboard.
 
     `model="testbed"` (or another shipped organism's name, `testbed.pipeline.SHIPPED`, or an organism folder holding
@@ -345,18 +399,29 @@ def run_bench(out_dir: str | Path, *, model: str | Any = "testbed", prompts: str
     organism's ground truth; a local item's mask is then used only for generations that reproduce the item (as
     `memlens demo`). Any other model needs `prompts`: a prompt file with 0/1 labels (and types), plus optionally
     `masks`, a folder of `<index>.png` (or `<prompt_index>.png`) masks for memorized prompts.
+    `webster`, a local copy of Webster's `fraisdufour/templates-verbs` (`templates/metadata.parquet` and the masks),
+    takes labels and types from a Webster / mem-curv-diff label file (`prompts`, default `WEBSTER_LABELS` in that
+    folder) and localization masks from the templates; dead entries are counted in `leaderboard.json`'s
+    `ground_truth`.
     """
     s = settings or BenchSettings()
     s.check()
     out = _resolve_out(Path(out_dir))
-    organism = None
+    organism, truth = None, None
     from memlens.testbed.pipeline import SHIPPED
 
     if isinstance(model, str) and (model in SHIPPED or (Path(model) / "ground_truth").is_dir()):
         organism = Path(SHIPPED.get(model, model))
         if prompts is not None:
             raise InputError("`prompts` is only for other models: the organism's ground truth gives its prompts")
+        if webster is not None:
+            raise InputError("`webster` is only for other models: the organism's ground truth gives its masks")
         items, groups = _organism_items(organism, s)
+    elif webster is not None:
+        if masks is not None:
+            raise InputError("`masks` and `webster` both give masks; the Webster folder's templates are the masks")
+        items, truth = _webster_items(Path(webster), Path(prompts) if prompts is not None else None, s)
+        groups = {}
     else:
         if prompts is None:
             raise InputError("`prompts` is needed for a model other than the organism (a file with 0/1 labels)")
@@ -369,7 +434,7 @@ def run_bench(out_dir: str | Path, *, model: str | Any = "testbed", prompts: str
     def write(tmp: Path) -> None:
         (tmp / "maps").mkdir()
         (tmp / "images").mkdir()
-        board.update(_run_into(tmp, model, organism, items, groups, s, dtype, device, progress))
+        board.update(_run_into(tmp, model, organism, items, groups, s, dtype, device, progress, truth))
 
     # The whole folder is swapped in at the end: an earlier bench stays whole until the new one is complete.
     rundir.atomic_write_dir(out, write)
@@ -388,7 +453,8 @@ def _load_pipe(model, organism: Path | None, dtype: str, device: str):
     return load_pipeline(model, dtype=dtype, device=device)
 
 
-def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype, device, progress) -> dict:
+def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype, device, progress,
+              truth: dict | None = None) -> dict:
     import torch
     from PIL import Image
 
@@ -418,6 +484,8 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
             score_diff = rec.energy[-1] / (1.0 - a_last)
             if organism is not None:
                 mask, oracle_role = _organism_mask(images[i], it, groups)
+            elif it.truth is not None:
+                mask, oracle_role = _webster_mask(it, images[i].shape[:2])
             else:
                 mask = None if it.mask is None else _at_size(it.mask, images[i].shape[:2])
                 oracle_role = "mask" if mask is not None else ("zeros" if it.label == 0 else None)
@@ -439,6 +507,8 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
                 "stem": it.stem, "prompt": it.prompt, "prompt_index": it.prompt_index, "image_index": it.image_index,
                 "seed": it.seed, "label": it.label, "type": it.type, "group": it.group, "has_mask": mask is not None,
                 "image_shape": list(images[i].shape[:2]), "oracle_set": oracle_role,
+                # the label file's own row (mem-curv-diff names its maps and cached images by it)
+                **({"label_row": it.truth.row} if it.truth is not None else {}),
                 "scores": {
                     "D": float(np.mean(rec.magnitude)), "D_first_step": float(rec.magnitude[0]),
                     f"D_first_{FIRST_K}": float(np.mean(rec.magnitude[:FIRST_K])),
@@ -456,6 +526,8 @@ def _run_into(tmp: Path, model, organism, items, groups, s: BenchSettings, dtype
     board = leaderboard(tmp, costs=_method_costs(steps_used, s.probes, timing))
     board["settings"] = {**s.__dict__, "steps": steps_used, "model": str(model),
                          "timing_per_image_s": timing}
+    if truth is not None:
+        board["ground_truth"] = truth
     rundir.write_json(tmp / LEADERBOARD, board)
     rundir.atomic_write_bytes(tmp / "leaderboard.md", format_markdown(board).encode())
     rundir.atomic_write_bytes(tmp / "leaderboard.html", format_html(tmp, board).encode())
@@ -622,7 +694,17 @@ def format_markdown(board: dict) -> str:
                      f"{c.get('unet_evaluations', 'n/a')} | {_f(c.get('wall_time_relative'))} |")
     lines += ["", f"{n['memorized']} memorized vs {n['non_memorized']} non-memorized generations.", "",
               "Mitigation: " + board.get("mitigation_note", ""), ""]
+    if "ground_truth" in board:
+        lines += [webster_line(board["ground_truth"]), ""]
     return "\n".join(lines)
+
+
+def webster_line(truth: dict) -> str:
+    """One line on a Webster ground truth: what was used and what was dead (the CLI prints it too)."""
+    kinds = ", ".join(f"{v} {k}" for k, v in truth["kinds"].items())
+    dead = ", ".join(f"{v} {k}" for k, v in truth["dead"].items()) or "none"
+    return (f"Ground truth: {truth['labels']}: {truth['prompts_used']} of {truth['label_rows']} prompts used "
+            f"({kinds}); {truth['dead_total']} dead entries skipped ({dead}).")
 
 
 def _png_b64(data: bytes) -> str:

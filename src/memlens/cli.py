@@ -55,7 +55,7 @@ _PARAMS = {
     "clip_pretrained", "max_side", "out", "trajectory", "per_prompt", "init_from", "filter", "schedule",
     "pad_token", "end_contrastive", "negative_prompt", "true_cfg_scale", "text_encoder", "lr", "text_lr_mult", "warmup", "decay_from", "caption_dropout",
     "snr_gamma", "ema_decay", "checkpoint_every", "unet_heads", "unet_channels", "text_width", "text_layers",
-    "factor", "probes", "masks", "screen", "screen_threshold",
+    "factor", "probes", "masks", "screen", "screen_threshold", "screen_batch_size", "prompt_indices", "webster",
 }
 
 
@@ -150,6 +150,9 @@ def scan_command(
     ] = None,
     screen_threshold: Annotated[Optional[float], typer.Option(
         "--screen-threshold", help="Screen score at or above which a prompt is scanned (with --screen).")] = None,
+    screen_batch_size: Annotated[Optional[int], typer.Option(
+        "--screen-batch-size", min=1, help="Prompts per screen call (with --screen). Default: max(--batch-size, 16)."
+    )] = None,
     layers: Annotated[Optional[str], typer.Option(
         "--layers", help="Cross-attention layers the BE map reads: the paper's first down block (default), 'outer' "
         "(both ends of the UNet), 'all' (every layer, on the finest grid), or comma-separated module names/prefixes.")
@@ -162,8 +165,9 @@ def scan_command(
     from memlens.scan import run_scan
 
     set_threads(threads, device)
-    if screen is None and screen_threshold is not None:
-        raise MemlensError("--screen-threshold needs --screen")
+    if screen is None and (screen_threshold is not None or screen_batch_size is not None):
+        flag = "--screen-threshold" if screen_threshold is not None else "--screen-batch-size"
+        raise MemlensError(f"{flag} needs --screen")
     if screen is not None:
         from memlens.screen import run_screened_scan
 
@@ -173,11 +177,14 @@ def scan_command(
             raise MemlensError("--screen does not take --negative-prompt or --true-cfg-scale yet")
         if layers is not None or token != "eos":
             raise MemlensError("--screen does not take --layers or --token yet")
-        res, rows = run_screened_scan(model, prompts, out, screen=screen, screen_threshold=screen_threshold,
-                                      num_images=num_images, steps=steps, guidance=guidance, seed=seed,
-                                      batch_size=batch_size, height=height, width=width, dtype=dtype, device=device)
-        flagged = sum(r["flagged"] for r in rows)
-        typer.echo(f"screen: {flagged} of {len(rows)} prompts flagged by {screen} >= {screen_threshold:g}")
+        screened = run_screened_scan(model, prompts, out, screen=screen, screen_threshold=screen_threshold,
+                                     num_images=num_images, steps=steps, guidance=guidance, seed=seed,
+                                     batch_size=batch_size, screen_batch_size=screen_batch_size, height=height,
+                                     width=width, dtype=dtype, device=device)
+        if screened.is_main_process:
+            typer.echo(f"screen: {screened.num_flagged} of {len(screened.rows)} prompts flagged by {screen} >= "
+                       f"{screen_threshold:g}")
+        res = screened.scan
         if res is None:
             return
     else:
@@ -349,9 +356,15 @@ def bench_command(
         "--model", help="'testbed' (the shipped organism and its ground truth; 'testbed-v2' the other shipped one), "
                         "an organism folder, or any model with --prompts.")] = "testbed",
     prompts: Annotated[Optional[Path], typer.Option(
-        "--prompts", help="Prompt file with 0/1 labels and types (models other than the organism).")] = None,
+        "--prompts", help="Prompt file with 0/1 labels and types (models other than the organism); with --webster, "
+                          "a Webster / mem-curv-diff label file (default: the folder's "
+                          "groundtruth_parquets/sdv1_bb_edge_groundtruth.parquet).")] = None,
     masks: Annotated[Optional[Path], typer.Option(
         "--masks", help="Folder of <index>.png masks for memorized prompts (with --prompts).")] = None,
+    webster: Annotated[Optional[Path], typer.Option(
+        "--webster", help="Local copy of Webster's fraisdufour/templates-verbs (templates/metadata.parquet and the "
+                          "masks): labels and types from its label file, template masks for localization; dead "
+                          "entries counted and skipped.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="CI size: one image per item, 6 generic prompts, 6 steps, "
                                                         "2 Hutchinson probes.")] = False,
     per_memorized: Annotated[Optional[int], typer.Option("--per-memorized", help="Images per memorized prompt.")] = None,
@@ -377,13 +390,17 @@ def bench_command(
     base = dict(QUICK) if quick else {}
     base.update({k: v for k, v in given.items() if v is not None})
     settings = BenchSettings(**base, guidance=guidance, seed=seed, batch_size=batch_size)
-    board = run_bench(out, model=model, prompts=prompts, masks=masks, settings=settings, dtype=dtype, device=device,
-                      progress=False)
+    board = run_bench(out, model=model, prompts=prompts, masks=masks, webster=webster, settings=settings, dtype=dtype,
+                      device=device, progress=False)
     best_loc = max(board["localization"], key=lambda m: board["localization"][m]["iou_otsu"] or -1)
     best_det = max(board["detection"], key=lambda m: board["detection"][m]["auc"])
     typer.echo(f"bench: {board['n']['generations']} generations; best localization at Otsu: {best_loc} "
                f"(IoU {board['localization'][best_loc]['iou_otsu'] or float('nan'):.3f}); best detection: {best_det} "
                f"(AUC {board['detection'][best_det]['auc']:.3f}); wrote {Path(out) / 'leaderboard.json'}")
+    if "ground_truth" in board:
+        from memlens.bench import webster_line
+
+        typer.echo(webster_line(board["ground_truth"]))
 
 
 def _mount() -> None:

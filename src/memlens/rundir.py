@@ -32,8 +32,8 @@ __all__ = [
     "GENERATIONS", "RUN_JSON", "SHARDS", "IMAGES", "MAPS", "OVERLAYS", "TOKEN_MAPS", "FORMAT",
     "Generation", "Key", "Run", "Log",
     "atomic_write", "atomic_write_bytes", "write_json", "jsonable",
-    "read_log", "read_generations", "log_paths", "done_keys", "merge", "read_run_json", "write_run_json",
-    "check_output", "check_output_file", "open_run", "stem",
+    "read_jsonl", "read_log", "read_generations", "log_paths", "done_keys", "merge", "read_run_json", "write_run_json",
+    "check_output", "check_output_file", "open_run", "settings_mismatch", "stem",
 ]
 
 # --- layout -----------------------------------------------------------------------------------------------------------
@@ -278,6 +278,11 @@ def _lines(path: Path) -> Iterator[tuple[int, dict]]:
         yield n, obj
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every complete line of a JSONL log a producer appends to (`Log`), in file order; a torn last line is skipped."""
+    return [obj for _, obj in _lines(Path(path))]
+
+
 def read_log(path: Path, root: Path | None = None) -> list[Generation]:
     """Every complete record of one log file, in file order."""
     path = Path(path)
@@ -493,7 +498,8 @@ def check_output(out: str | Path, kind: str, *, own: Iterable[str] = (), param: 
     return out
 
 
-def _settings_mismatch(old: dict, new: dict, options: dict[str, str]) -> Optional[str]:
+def settings_mismatch(old: dict, new: dict, options: dict[str, str]) -> Optional[str]:
+    """The first compared setting that differs, worded for the user (None when all agree)."""
     for key, option in options.items():
         if old.get(key) != new.get(key):
             if key == "prompts_sha256":
@@ -529,7 +535,7 @@ def open_run(out: str | Path, kind: str, settings: dict, options: dict[str, str]
             found = previous.get("kind", "scan")
             if found != kind:
                 raise InputError(f"`{param}` {out} holds a {found} run, not a {kind}; pick another folder")
-            why = _settings_mismatch(previous.get("settings", {}), settings, options)
+            why = settings_mismatch(previous.get("settings", {}), settings, options)
             if why:
                 raise InputError(f"`{param}` {out} holds a different run: {why}; rerun with its settings or pick "
                                  "another folder")

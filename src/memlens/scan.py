@@ -46,6 +46,7 @@ _OPTION = {
     "probe": "`probe_options`",
     "negative_prompt": "`negative_prompt`",
     "true_cfg_scale": "`true_cfg_scale`",
+    "prompt_subset": "`prompt_indices`",
 }
 
 
@@ -128,6 +129,32 @@ def scan_items(counts: Sequence[int], seed: int) -> list[ScanItem]:
             items.append(ScanItem(p, k, pos))
             pos += 1
     return items
+
+
+def subset_items(items: Sequence[ScanItem], prompt_indices: Optional[Sequence[int]], n_prompts: int) -> list[ScanItem]:
+    """The images of the chosen prompts only, each keeping the prompt_index, stem and seed it has in the full list
+    (so a prompt scanned alone or among all gives the same files and records)."""
+    if prompt_indices is None:
+        return list(items)
+    chosen = [int(p) for p in prompt_indices]
+    if not chosen:
+        raise InputError("`prompt_indices` is empty: no prompt to scan")
+    bad = [p for p in chosen if not 0 <= p < n_prompts]
+    if bad:
+        raise InputError(f"`prompt_indices`: {bad[0]} is not a position in the {n_prompts} prompts")
+    if len(set(chosen)) != len(chosen):
+        raise InputError("`prompt_indices`: a prompt is listed twice")
+    keep = set(chosen)
+    return [it for it in items if it.prompt_index in keep]
+
+
+def subset_identity(prompt_indices: Optional[Sequence[int]]) -> Optional[dict]:
+    """run.json's record of which prompts a partial scan covers: their count and a digest (not the list itself: a
+    screen of a million prompts may pass on a hundred thousand)."""
+    if prompt_indices is None:
+        return None
+    chosen = sorted(int(p) for p in prompt_indices)
+    return {"count": len(chosen), "sha256": hashlib.sha256(json.dumps(chosen).encode()).hexdigest()}
 
 
 def batches_of(items: Sequence[ScanItem], batch_size: int) -> list[list[ScanItem]]:
@@ -259,6 +286,7 @@ def run_scan(
     own_files: Sequence[str] = (),
     negative_prompt: Optional[str] = None,
     true_cfg_scale: Optional[float] = None,
+    prompt_indices: Optional[Sequence[int]] = None,
 ) -> ScanResult:
     """Scan `prompts` with a pipeline (or a MODEL string for `memlens.models.load_pipeline`) into `out_dir`.
 
@@ -271,6 +299,8 @@ def run_scan(
     demo keeps in the folder besides the scan's own).
     `negative_prompt` and `true_cfg_scale` go to every pipeline call when set (FLUX's true CFG: without it a
     guidance-distilled model has no unconditional branch and the probe refuses D/LD).
+    `prompt_indices` scans only those positions of `prompts` (`memlens scan --screen`'s flagged prompts); their
+    images keep the prompt_index, seed and file names a scan of every prompt gives them.
     """
     from memlens.models import pipeline_facts
 
@@ -282,6 +312,7 @@ def run_scan(
                   if v is not None}
     records = resolve_prompts(prompts)
     counts = images_per_prompt(num_images, len(records))
+    items = subset_items(scan_items(counts, seed), prompt_indices, len(records))
     out = rundir.check_output(out_dir, kind, own=own_files)
     state = _partial_state()
 
@@ -307,11 +338,11 @@ def run_scan(
         "dtype": facts["dtype"],
         "probe": dict(sorted((probe_options or {}).items())),
         **extra_call,
+        **({"prompt_subset": subset_identity(prompt_indices)} if prompt_indices is not None else {}),
         "batch_size": batch_size,  # recorded, not compared: it does not change the images
     }
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from disk
 
-    items = scan_items(counts, seed)
     # Lock first (a second scan into this folder stops here), then read what is done. Every process reads before
     # any process appends (barrier below); the torn-tail cut the Log makes is invisible to readers, who skip it.
     run = rundir.open_run(out, kind, settings, _OPTION, process_index=state.process_index,
