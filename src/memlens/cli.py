@@ -93,6 +93,14 @@ def set_threads(threads: Optional[int], device: Optional[str] = None) -> None:
 # --- scan -----------------------------------------------------------------------------------------------------------
 
 
+# What the BE map reads, for every command that probes (scan, demo); `probe_options` turns them into probe options.
+LayersOption = Annotated[Optional[str], typer.Option(
+    "--layers", help="Cross-attention layers the BE map reads: the paper's first down block (default), 'outer' "
+    "(both ends of the UNet), 'all' (every layer, on the finest grid), or comma-separated module names/prefixes.")]
+TokenOption = Annotated[str, typer.Option(
+    "--token", help="Token the BE map reads: eos (the paper's end token), padding, eos+padding, or a position.")]
+
+
 def probe_options(layers: Optional[str], token: str) -> dict:
     """--layers / --token as `BrightEndingProbe` options; only what differs from the probe's defaults, so a run
     recorded before these flags existed resumes under the same settings."""
@@ -153,13 +161,8 @@ def scan_command(
     screen_batch_size: Annotated[Optional[int], typer.Option(
         "--screen-batch-size", min=1, help="Prompts per screen call (with --screen). Default: max(--batch-size, 16)."
     )] = None,
-    layers: Annotated[Optional[str], typer.Option(
-        "--layers", help="Cross-attention layers the BE map reads: the paper's first down block (default), 'outer' "
-        "(both ends of the UNet), 'all' (every layer, on the finest grid), or comma-separated module names/prefixes.")
-    ] = None,
-    token: Annotated[str, typer.Option(
-        "--token", help="Token the BE map reads: eos (the paper's end token), padding, eos+padding, or a position.")
-    ] = "eos",
+    layers: LayersOption = None,
+    token: TokenOption = "eos",
 ) -> None:
     """Generate for a prompt file and record BE maps and magnitudes per image."""
     from memlens.scan import run_scan
@@ -327,13 +330,8 @@ def demo_command(
     seed: Annotated[int, typer.Option("--seed", help="Base seed, as in `memlens scan`.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 16,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
-    layers: Annotated[Optional[str], typer.Option(
-        "--layers", help="Cross-attention layers the BE map reads: the paper's first down block (default), 'outer' "
-        "(both ends of the UNet), 'all' (every layer, on the finest grid), or comma-separated module names/prefixes.")
-    ] = None,
-    token: Annotated[str, typer.Option(
-        "--token", help="Token the BE map reads: eos (the paper's end token), padding, eos+padding, or a position.")
-    ] = "eos",
+    layers: LayersOption = None,
+    token: TokenOption = "eos",
 ) -> None:
     """Scan the organism's memorized and generic prompts, score them against its ground truth, write summary.json
     and report.html."""
